@@ -1,0 +1,1 @@
+"""spin_fast.kernels: per-token log-probs from final hidden states and the LM-head weight, and the fused SPIN loss."""

@@ -1,0 +1,66 @@
+"""Shared test helpers: oracle-relative error checks and random packed SPIN batches."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+
+# Absolute slack added to the same-dtype torch error, relative to the size of the fp64 value (Cut Cross-Entropy's
+# criterion: a low-precision kernel may be as wrong as torch in that dtype, plus a little).
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float64: 1e-10}
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def scale_of(ref: torch.Tensor) -> float:
+    return max(ref.double().abs().max().item(), 1e-6)
+
+
+def assert_oracle_close(name, impl_val, torch_same_dtype_val, fp64_val, dtype):
+    """err(impl vs fp64) <= err(torch same dtype vs fp64) + tol * |fp64|_max."""
+    err_impl = max_err(impl_val, fp64_val)
+    err_torch = max_err(torch_same_dtype_val, fp64_val)
+    bound = err_torch + TOL[dtype] * scale_of(fp64_val)
+    assert err_impl <= bound, (f"{name}: err(impl vs fp64) = {err_impl:.3e} > err(torch {dtype} vs fp64) "
+                               f"{err_torch:.3e} + tol = {bound:.3e}")
+
+
+def random_packed_batch(num_pairs, num_unpaired, max_len, hidden_size, vocab, dtype, seed, long_pair_len=0,
+                        all_ignored_sequence=False):
+    """A packed micro-batch with pairs in shuffled positions, prompt tokens ignored, ragged lengths.
+
+    Returns dict(hidden (N, H), weight (V, H), targets (N,), seq_index (N,), chosen_index (P,), rejected_index (P,),
+    num_sequences S). Sequence order is a random permutation, so a pair's two sequences are anywhere in the batch.
+    """
+    g = torch.Generator().manual_seed(seed)
+    num_sequences = 2 * num_pairs + num_unpaired
+    lengths = torch.randint(2, max_len + 1, (num_sequences,), generator=g)
+    if long_pair_len:
+        lengths[0] = long_pair_len                                     # one pair much longer than a chunk
+    perm = torch.randperm(num_sequences, generator=g)                  # sequence s sits at slot perm[s]
+    seq_index = torch.cat([torch.full((int(lengths[s]),), s) for s in perm.tolist()])   # (N,)
+    n = seq_index.numel()
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    targets[torch.randint(0, n, (1,), generator=g)] = vocab - 1        # the last column
+    # Prompt-like prefix ignored, and the last token of each sequence (no next token).
+    start = 0
+    for s in perm.tolist():
+        length = int(lengths[s])
+        prompt = int(torch.randint(0, length, (1,), generator=g))
+        targets[start:start + prompt] = -100
+        targets[start + length - 1] = -100
+        if all_ignored_sequence and s == 1:
+            targets[start:start + length] = -100
+        start += length
+    pair_seq = torch.randperm(2 * num_pairs, generator=g)
+    chosen_index, rejected_index = pair_seq[:num_pairs], pair_seq[num_pairs:]
+    hidden = torch.randn(n, hidden_size, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64) / hidden_size ** 0.5).to(dtype)
+    return dict(hidden=hidden, weight=weight, targets=targets, seq_index=seq_index, chosen_index=chosen_index,
+                rejected_index=rejected_index, num_sequences=num_sequences)

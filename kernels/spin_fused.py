@@ -92,16 +92,33 @@ class FusedSpinLoss(torch.autograd.Function):
         policy_rejected = seq_logps[rejected_index]                                                    # (P,)
         margin = (policy_chosen - ref_chosen.to(seq_logps.dtype)) - (policy_rejected - ref_rejected.to(seq_logps.dtype))
         loss = pair_losses(margin, opts["beta"], opts["loss_type"]).sum() * grad_scale
-        ctx.save_for_backward(dhidden, dweight)
+        # Held as attributes, not save_for_backward: backward scales them in place, which the saved-tensor version
+        # check would (rightly, for ordinary saved activations) refuse.
+        ctx.dhidden, ctx.dweight = dhidden, dweight
         ctx.mark_non_differentiable(policy_chosen, policy_rejected)
         return loss, policy_chosen, policy_rejected
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_chosen, _grad_rejected):
-        dhidden, dweight = ctx.saved_tensors
-        # Always multiply (no `grad_loss == 1` test: that would be a host sync). Cost: one pass over (V, H).
-        dhidden = dhidden * grad_loss.to(dhidden.dtype) if dhidden is not None else None
-        dweight = dweight * grad_loss.to(dweight.dtype) if dweight is not None else None
+        dhidden, dweight = ctx.dhidden, ctx.dweight
+        scale = grad_loss
+        if getattr(ctx, "applied_scale", None) is not None:
+            # A second backward through the same graph (retain_graph, gradcheck's reentrancy check): the stored
+            # gradients were scaled in place by the first one. Rare path, so the host sync of the check is fine.
+            if bool(ctx.applied_scale == 0):
+                raise RuntimeError("spin_loss_from_hidden: a second backward after one with a zero upstream gradient "
+                                   "cannot be served (the stored gradients were scaled in place)")
+            ratio = grad_loss / ctx.applied_scale
+            return (dhidden * ratio.to(dhidden.dtype) if dhidden is not None else None,
+                    dweight * ratio.to(dweight.dtype) if dweight is not None else None,
+                    None, None, None, None, None, None, None)
+        # First backward: scale in place, so no second (V, H) buffer is allocated and the stored gradient becomes
+        # .grad. Always multiply: a `grad_loss == 1` test would be a host sync. Cost: one pass over (V, H), (N, H).
+        ctx.applied_scale = scale.detach().clone()
+        if dhidden is not None:
+            dhidden.mul_(scale.to(dhidden.dtype))
+        if dweight is not None:
+            dweight.mul_(scale.to(dweight.dtype))
         return dhidden, dweight, None, None, None, None, None, None, None
 
 

@@ -15,7 +15,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float64: 1e-10}
 
 
 def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return (x.double() - ref.double()).abs().max().item()
+    return (x.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item()
 
 
 def scale_of(ref: torch.Tensor) -> float:
@@ -64,3 +64,22 @@ def random_packed_batch(num_pairs, num_unpaired, max_len, hidden_size, vocab, dt
     weight = (torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64) / hidden_size ** 0.5).to(dtype)
     return dict(hidden=hidden, weight=weight, targets=targets, seq_index=seq_index, chosen_index=chosen_index,
                 rejected_index=rejected_index, num_sequences=num_sequences)
+
+
+def impl_device(impl: str) -> str:
+    """Triton runs on CUDA when there is a GPU (and in the interpreter on CPU otherwise)."""
+    return "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def on_impl_device(impl, fn):
+    """Wrap fn(*tensors, **kw) so its tensor arguments move to impl's device; .to() is differentiable, so gradients
+    still reach the CPU leaves the test inspects."""
+    device = impl_device(impl)
+    if device == "cpu":
+        return fn
+
+    def moved(*args, **kwargs):
+        mv = lambda a: a.to(device) if isinstance(a, torch.Tensor) else a
+        out = fn(*map(mv, args), **{k: mv(v) for k, v in kwargs.items()})
+        return out
+    return moved

@@ -5,7 +5,7 @@ import torch
 from spin_fast.kernels import chunk_rows, linear_logprobs
 from spin_fast.loss import reference_token_logprobs
 
-from helpers import assert_oracle_close, needs_triton
+from helpers import assert_oracle_close, needs_triton, on_impl_device
 
 # (N, H, V): N=1, N=47, H=31, V=123 not a multiple of any block, 3x47 tokens (B x T flattened), V > a block.
 SHAPES = [(1, 16, 16), (47, 31, 123), (141, 31, 123), (64, 32, 200), (5, 7, 3)]
@@ -35,11 +35,7 @@ def value_and_grads(fn, hidden, weight, targets, upstream):
 
 def torch_same_dtype(hidden, weight, targets):
     """What users run today in that dtype: matmul in the input dtype, log_softmax in fp32 (TRL's upcast)."""
-    logits = (hidden @ weight.t()).float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    valid = targets != -100
-    out = logprobs.gather(1, torch.where(valid, targets, 0).unsqueeze(1)).squeeze(1)
-    return torch.where(valid, out, 0.0)
+    return reference_token_logprobs(hidden, weight, targets, upcast_inputs=False)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -52,6 +48,7 @@ def test_matches_fp64_oracle(impl, dtype, shape):
     budget = 4 * 4 * v
     assert chunk_rows(v, budget) == 4
 
+    @on_impl_device(impl)
     def ours(hd, wt, tg):
         return linear_logprobs(hd, wt, tg, impl=impl, memory_budget_bytes=budget)
 
@@ -61,6 +58,7 @@ def test_matches_fp64_oracle(impl, dtype, shape):
         hidden.double(), weight.double(), targets, upstream)
     base, base_dh, base_dw = value_and_grads(torch_same_dtype, hidden, weight, targets, upstream)
 
+    out = out.cpu()
     assert out.dtype == torch.float32 and out.shape == (n,)
     assert dh.dtype == dtype and dw.dtype == dtype
     assert (out[targets == -100] == 0).all()
@@ -72,8 +70,9 @@ def test_matches_fp64_oracle(impl, dtype, shape):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_all_targets_ignored_gives_zeros(impl):
     hidden, weight, targets, upstream = make_inputs(9, 16, 40, torch.float32, seed=3, all_ignored=True)
-    out, dh, dw = value_and_grads(lambda a, b, c: linear_logprobs(a, b, c, impl=impl), hidden, weight, targets,
-                                  upstream)
+    out, dh, dw = value_and_grads(on_impl_device(impl, lambda a, b, c: linear_logprobs(a, b, c, impl=impl)),
+                                  hidden, weight, targets, upstream)
+    out = out.cpu()
     assert torch.equal(out, torch.zeros(9))
     assert torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
 

@@ -7,7 +7,7 @@ import torch
 from spin_fast.kernels import spin_loss_from_hidden
 from spin_fast.loss import reference_spin_loss_from_hidden, reference_sequence_logps, reference_token_logprobs
 
-from helpers import TOL, assert_oracle_close, needs_triton, random_packed_batch
+from helpers import TOL, assert_oracle_close, needs_triton, on_impl_device, random_packed_batch
 
 IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -42,7 +42,7 @@ def oracle(batch, ref_c, ref_r, **kw):
 
 def same_dtype_torch(batch, ref_c, ref_r, **kw):
     """Naive full logits in the input dtype (fp32 softmax), as users run it today."""
-    return run(lambda *a, **k: reference_spin_loss_from_hidden(*a, compute_dtype=batch["hidden"].dtype, **k),
+    return run(lambda *a, **k: reference_spin_loss_from_hidden(*a, upcast_inputs=False, **k),
                batch, ref_chosen_logps=ref_c.float(), ref_rejected_logps=ref_r.float(), **kw)
 
 
@@ -65,7 +65,7 @@ def test_matches_fp64_oracle(impl, dtype, loss_type, layout):
     beta = 0.5 if loss_type == "sigmoid" else 0.05
     kw = dict(beta=beta, loss_type=loss_type)
     # 16 rows per chunk in the torch path: several pairs per chunk, pairs cut between chunks, long pair streamed.
-    loss, metrics, dh, dw = run(spin_loss_from_hidden, batch, ref_chosen_logps=ref_c.to(dtype),
+    loss, metrics, dh, dw = run(on_impl_device(impl, spin_loss_from_hidden), batch, ref_chosen_logps=ref_c.to(dtype),
                                 ref_rejected_logps=ref_r.to(dtype), impl=impl, memory_budget_bytes=16 * 4 * v, **kw)
     o_loss, o_metrics, o_dh, o_dw = oracle(batch, ref_c, ref_r, **kw)
     b_loss, b_metrics, b_dh, b_dw = same_dtype_torch(batch, ref_c.to(dtype), ref_r.to(dtype), **kw)
@@ -81,9 +81,10 @@ def test_matches_fp64_oracle(impl, dtype, loss_type, layout):
 def test_in_pass_reference_equals_precomputed(impl):
     batch = random_packed_batch(4, 1, 20, 16, 50, torch.float32, seed=4)
     ref_hidden, ref_weight, ref_c, ref_r = ref_logps_for(batch)
-    pre = run(spin_loss_from_hidden, batch, ref_chosen_logps=ref_c.float(), ref_rejected_logps=ref_r.float(),
+    fused = on_impl_device(impl, spin_loss_from_hidden)
+    pre = run(fused, batch, ref_chosen_logps=ref_c.float(), ref_rejected_logps=ref_r.float(),
               impl=impl)
-    inpass = run(spin_loss_from_hidden, batch, ref_hidden=ref_hidden.float(), ref_weight=ref_weight.float(),
+    inpass = run(fused, batch, ref_hidden=ref_hidden.float(), ref_weight=ref_weight.float(),
                  impl=impl)
     torch.testing.assert_close(pre[0], inpass[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pre[2], inpass[2], rtol=1e-4, atol=1e-6)
@@ -95,7 +96,7 @@ def test_in_pass_reference_equals_precomputed(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_policy_equal_to_reference_gives_ln2(impl):
     batch = random_packed_batch(3, 0, 15, 16, 40, torch.float32, seed=9)
-    loss, metrics = spin_loss_from_hidden(
+    loss, metrics = on_impl_device(impl, spin_loss_from_hidden)(
         batch["hidden"], batch["weight"], batch["targets"], batch["seq_index"], batch["chosen_index"],
         batch["rejected_index"], ref_hidden=batch["hidden"], ref_weight=batch["weight"], impl=impl)
     assert loss.item() == pytest.approx(math.log(2.0), rel=1e-6)
@@ -123,9 +124,10 @@ def test_sum_mean_and_global_normalizer(impl):
     batch = random_packed_batch(4, 0, 10, 8, 29, torch.float32, seed=21)
     _, _, ref_c, ref_r = ref_logps_for(batch)
     kw = dict(ref_chosen_logps=ref_c.float(), ref_rejected_logps=ref_r.float(), impl=impl)
-    mean = run(spin_loss_from_hidden, batch, **kw)
-    total = run(spin_loss_from_hidden, batch, reduction="sum", **kw)
-    normed = run(spin_loss_from_hidden, batch, normalizer=torch.tensor(8.0), **kw)
+    fused = on_impl_device(impl, spin_loss_from_hidden)
+    mean = run(fused, batch, **kw)
+    total = run(fused, batch, reduction="sum", **kw)
+    normed = run(fused, batch, normalizer=torch.tensor(8.0), **kw)
     torch.testing.assert_close(total[0], mean[0] * 4)
     torch.testing.assert_close(normed[0], mean[0] / 2)
     torch.testing.assert_close(total[3], mean[3] * 4, rtol=1e-5, atol=1e-6)
@@ -164,3 +166,17 @@ def test_no_grad_forward_only():
                                         batch["chosen_index"], batch["rejected_index"], ref_c.float(), ref_r.float())
     o_loss = oracle(batch, ref_c, ref_r)[0]
     assert abs(loss.item() - o_loss.item()) <= TOL[torch.float32] * 10 + 1e-6
+
+
+def test_second_backward_through_retained_graph():
+    """Gradients are scaled in place by the first backward; a second one (retain_graph) must still be right."""
+    batch = random_packed_batch(2, 0, 8, 8, 21, torch.float64, seed=3)
+    _, _, ref_c, ref_r = ref_logps_for(batch)
+    hidden = batch["hidden"].clone().requires_grad_(True)
+    loss, _ = spin_loss_from_hidden(hidden, batch["weight"], batch["targets"], batch["seq_index"],
+                                    batch["chosen_index"], batch["rejected_index"], ref_c, ref_r)
+    (g1,) = torch.autograd.grad(loss * 2.0, hidden, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss * 5.0, hidden, retain_graph=True)
+    torch.testing.assert_close(g2, g1 * 2.5)
+    (zero,) = torch.autograd.grad(loss * 0.0, hidden, retain_graph=True)
+    assert torch.equal(zero, torch.zeros_like(zero))

@@ -92,33 +92,28 @@ class FusedSpinLoss(torch.autograd.Function):
         policy_rejected = seq_logps[rejected_index]                                                    # (P,)
         margin = (policy_chosen - ref_chosen.to(seq_logps.dtype)) - (policy_rejected - ref_rejected.to(seq_logps.dtype))
         loss = pair_losses(margin, opts["beta"], opts["loss_type"]).sum() * grad_scale
-        # Held as attributes, not save_for_backward: backward scales them in place, which the saved-tensor version
-        # check would (rightly, for ordinary saved activations) refuse.
+        # Held as attributes, not save_for_backward: backward scales them in place and gives them away.
         ctx.dhidden, ctx.dweight = dhidden, dweight
+        ctx.consumed = False
         ctx.mark_non_differentiable(policy_chosen, policy_rejected)
         return loss, policy_chosen, policy_rejected
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_chosen, _grad_rejected):
+        if ctx.consumed:
+            raise RuntimeError("spin_loss_from_hidden forms its gradients in the forward pass and hands them over "
+                               "in backward: backpropagating through the same call twice (retain_graph) is not "
+                               "supported; call it again instead")
+        ctx.consumed = True
         dhidden, dweight = ctx.dhidden, ctx.dweight
-        scale = grad_loss
-        if getattr(ctx, "applied_scale", None) is not None:
-            # A second backward through the same graph (retain_graph, gradcheck's reentrancy check): the stored
-            # gradients were scaled in place by the first one. Rare path, so the host sync of the check is fine.
-            if bool(ctx.applied_scale == 0):
-                raise RuntimeError("spin_loss_from_hidden: a second backward after one with a zero upstream gradient "
-                                   "cannot be served (the stored gradients were scaled in place)")
-            ratio = grad_loss / ctx.applied_scale
-            return (dhidden * ratio.to(dhidden.dtype) if dhidden is not None else None,
-                    dweight * ratio.to(dweight.dtype) if dweight is not None else None,
-                    None, None, None, None, None, None, None)
-        # First backward: scale in place, so no second (V, H) buffer is allocated and the stored gradient becomes
-        # .grad. Always multiply: a `grad_loss == 1` test would be a host sync. Cost: one pass over (V, H), (N, H).
-        ctx.applied_scale = scale.detach().clone()
+        # Drop ctx's references, so autograd can take these buffers as .grad instead of cloning them (a clone of
+        # dweight is a second (V, H) buffer: 2 GiB in fp32 at V=128k, H=4k).
+        ctx.dhidden = ctx.dweight = None
+        # Scale in place; always multiply: a `grad_loss == 1` test would be a host sync. One pass over (V, H).
         if dhidden is not None:
-            dhidden.mul_(scale.to(dhidden.dtype))
+            dhidden.mul_(grad_loss.to(dhidden.dtype))
         if dweight is not None:
-            dweight.mul_(scale.to(dweight.dtype))
+            dweight.mul_(grad_loss.to(dweight.dtype))
         return dhidden, dweight, None, None, None, None, None, None, None
 
 

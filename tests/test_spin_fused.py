@@ -144,18 +144,33 @@ def test_upstream_gradient_scales_stored_gradients():
     torch.testing.assert_close(three[3], one[3] * 3)
 
 
-def test_gradcheck_fused_torch_fp64():
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+def test_finite_differences_fused_torch_fp64(loss_type):
+    """Directional derivatives <grad, d> against central differences (L(x + eps d) - L(x - eps d)) / 2 eps.
+
+    (torch.autograd.gradcheck cannot be used: it backpropagates twice through one graph, which the fused loss
+    refuses because it hands its forward-formed gradients over to .grad.)"""
     batch = random_packed_batch(2, 1, 6, 5, 9, torch.float64, seed=8)
     _, _, ref_c, ref_r = ref_logps_for(batch)
     args = (batch["targets"], batch["seq_index"], batch["chosen_index"], batch["rejected_index"])
 
-    def fn(hidden, weight):
+    def loss_of(hidden, weight):
         return spin_loss_from_hidden(hidden, weight, *args, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
-                                     beta=0.7, impl="torch", memory_budget_bytes=4 * 8 * 9)[0]
+                                     beta=0.7 if loss_type == "sigmoid" else 0.05, loss_type=loss_type,
+                                     impl="torch", memory_budget_bytes=4 * 8 * 9)[0]
 
-    hidden = batch["hidden"].clone().requires_grad_(True)
-    weight = batch["weight"].clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(fn, (hidden, weight), eps=1e-6, atol=1e-7)
+    _, _, dh, dw = run(lambda h, w, *a, **k: (loss_of(h, w), None), batch)
+    g = torch.Generator().manual_seed(1)
+    eps = 1e-6
+    for _ in range(3):
+        d_h = torch.randn(batch["hidden"].shape, generator=g, dtype=torch.float64)
+        d_w = torch.randn(batch["weight"].shape, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            plus = loss_of(batch["hidden"] + eps * d_h, batch["weight"] + eps * d_w)
+            minus = loss_of(batch["hidden"] - eps * d_h, batch["weight"] - eps * d_w)
+        numeric = ((plus - minus) / (2 * eps)).item()
+        analytic = ((dh * d_h).sum() + (dw * d_w).sum()).item()
+        assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-8)
 
 
 def test_no_grad_forward_only():
@@ -168,15 +183,12 @@ def test_no_grad_forward_only():
     assert abs(loss.item() - o_loss.item()) <= TOL[torch.float32] * 10 + 1e-6
 
 
-def test_second_backward_through_retained_graph():
-    """Gradients are scaled in place by the first backward; a second one (retain_graph) must still be right."""
+def test_second_backward_is_refused_clearly():
     batch = random_packed_batch(2, 0, 8, 8, 21, torch.float64, seed=3)
     _, _, ref_c, ref_r = ref_logps_for(batch)
     hidden = batch["hidden"].clone().requires_grad_(True)
     loss, _ = spin_loss_from_hidden(hidden, batch["weight"], batch["targets"], batch["seq_index"],
                                     batch["chosen_index"], batch["rejected_index"], ref_c, ref_r)
-    (g1,) = torch.autograd.grad(loss * 2.0, hidden, retain_graph=True)
-    (g2,) = torch.autograd.grad(loss * 5.0, hidden, retain_graph=True)
-    torch.testing.assert_close(g2, g1 * 2.5)
-    (zero,) = torch.autograd.grad(loss * 0.0, hidden, retain_graph=True)
-    assert torch.equal(zero, torch.zeros_like(zero))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()

@@ -48,9 +48,9 @@ def test_matches_fp64_oracle(impl, dtype, shape):
     budget = 4 * 4 * v
     assert chunk_rows(v, budget) == 4
 
-    @on_impl_device(impl)
     def ours(hd, wt, tg):
         return linear_logprobs(hd, wt, tg, impl=impl, memory_budget_bytes=budget)
+    ours = on_impl_device(impl, ours)
 
     out, dh, dw = value_and_grads(ours, hidden, weight, targets, upstream)
     ref, ref_dh, ref_dw = value_and_grads(

@@ -68,12 +68,14 @@ def check_linear_inputs(hidden, weight, targets, ignore_index: int, *, check_val
 
 
 def check_packed_layout(num_tokens: int, seq_index, chosen_index, rejected_index, device, *,
-                        check_values: bool = True) -> int:
+                        num_sequences: int | None = None, check_values: bool = True) -> int:
     """Validate the packed-batch description. Returns the number of sequences S.
 
     seq_index (N,) int: the sequence each token belongs to, in [0, S).
     chosen_index, rejected_index (P,) int: sequence ids of pair p's chosen and rejected response.
     Each sequence belongs to at most one pair, on one side only.
+    Shape checks always run (no sync). S is derived from the indices unless given, and the value checks (range,
+    uniqueness) run only with check_values: both read tensor values, a host sync on CUDA.
     """
     names = {"seq_index": seq_index, "chosen_index": chosen_index, "rejected_index": rejected_index}
     shapes = ", ".join(f"{k}={_shape(v)}" for k, v in names.items())
@@ -90,16 +92,19 @@ def check_packed_layout(num_tokens: int, seq_index, chosen_index, rejected_index
         raise ValueError(f"chosen_index and rejected_index must have the same shape [P]; got {shapes}")
     if chosen_index.numel() == 0:
         raise ValueError(f"no pairs: chosen_index is empty; got {shapes}")
-    num_sequences = int(torch.maximum(chosen_index.max(), rejected_index.max()).max()) + 1
+    if num_sequences is not None and num_sequences < 1:
+        raise ValueError(f"num_sequences must be >= 1, got {num_sequences}")
+    if num_sequences is None or check_values:
+        derived = int(torch.stack([seq_index.max(), chosen_index.max(), rejected_index.max()]).max()) + 1
+        if num_sequences is not None and derived > num_sequences:
+            raise ValueError(f"num_sequences = {num_sequences} but the indices name sequence {derived - 1}")
+        num_sequences = num_sequences or derived
     if check_values:
         lo = int(torch.stack([seq_index.min(), chosen_index.min(), rejected_index.min()]).min())
         if lo < 0:
             raise ValueError(f"sequence indices must be >= 0; found {lo} ({shapes})")
-        num_sequences = max(num_sequences, int(seq_index.max()) + 1)
         both = torch.cat([chosen_index, rejected_index])
         if torch.unique(both).numel() != both.numel():
             raise ValueError("each sequence may appear in only one pair, on one side: chosen_index and "
                              "rejected_index together repeat a sequence id")
-    else:
-        num_sequences = max(num_sequences, int(seq_index.max()) + 1)
     return num_sequences

@@ -183,9 +183,8 @@ def spin_loss_from_hidden(
     check_reduction(reduction, allowed=("mean", "sum"))
     targets = check_linear_inputs(hidden, weight, targets, ignore_index, check_values=check_values)
     impl = resolve_impl(impl, hidden)
-    if num_sequences is None or check_values:
-        num_sequences = max(num_sequences or 0, check_packed_layout(
-            hidden.shape[0], seq_index, chosen_index, rejected_index, hidden.device, check_values=check_values))
+    num_sequences = check_packed_layout(hidden.shape[0], seq_index, chosen_index, rejected_index, hidden.device,
+                                        num_sequences=num_sequences, check_values=check_values)
     seq_index, chosen_index, rejected_index = seq_index.long(), chosen_index.long(), rejected_index.long()
     num_pairs = chosen_index.numel()
     _check_ref_inputs(ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight, num_pairs, hidden, weight)

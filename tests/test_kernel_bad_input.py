@@ -97,3 +97,11 @@ def test_fused_rejects_bad_layout_and_options():
         call(b, normalizer=4, reduction="sum", **ref)
     with pytest.raises(ValueError, match=r"targets\[0\]"):
         call(dict(b, targets=torch.full_like(b["targets"], 99)), **ref)
+
+
+def test_fused_num_sequences_checked():
+    b, ref = fused_args()
+    with pytest.raises(ValueError, match="num_sequences = 2 but the indices name sequence 5"):
+        call(b, num_sequences=2, **ref)
+    with pytest.raises(ValueError, match="seq_index must have one entry per token"):
+        call(dict(b, seq_index=b["seq_index"][:-1]), num_sequences=6, check_values=False, **ref)

@@ -45,14 +45,16 @@ setup(
         # multi-GB CUDA build on CPU machines. Install torch (>= 2.11) first; see README.
         "numpy",
         "safetensors",
+        "transformers>=5",   # tokenizers and chat templates (the model itself is ours)
+        "jinja2",
         "pyyaml",
         "tqdm",
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "hf": ["transformers>=5", "tokenizers", "sentencepiece", "protobuf", "jinja2"],
+        "hf": ["transformers>=5", "tokenizers", "sentencepiece", "protobuf", "jinja2", "pyarrow"],
         "test": ["pytest", "hypothesis", "transformers>=5", "tokenizers", "sentencepiece",
-                 "protobuf", "jinja2", "triton>=3.6"],
+                 "protobuf", "jinja2", "pyarrow", "triton>=3.6"],
         "bench": ["liger-kernel", "transformers>=5", "psutil"],
         "flash": ["flash-attn"],
     },

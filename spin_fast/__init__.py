@@ -1,6 +1,13 @@
 """spin_fast: a performance-engineered trainer for SPIN (Self-Play fIne-tuNing, Chen et al. 2024).
 
-Subpackages: `spin_fast.kernels` (fused log-prob + SPIN loss kernels, Triton and chunked PyTorch).
-Modules: `spin_fast.loss` (the reference SPIN loss and log-probs, the oracle of every test).
+Subpackage `spin_fast.kernels`: fused log-prob + SPIN loss kernels (Triton and chunked PyTorch).
+Modules, from the bottom up:
+  loss.py       the reference SPIN loss and log-probs (the oracle of every test)
+  chat.py       chat-template rendering, shared by sampler and trainer
+  data.py       reading and validating SFT / prompt rows (file:row errors)
+  packing.py    pair-preserving token-budget packing and collation (C++ in csrc/, Python reference)
+  model.py      the Llama-family decoder (+ attention.py, hf_io.py for HF folders in and out)
+  sampler.py    KV-cached, continuously batched generation with per-prompt seeding
+  generate.py   `python -m spin_fast.generate`, the sampler as a tool
 """
 __version__ = "0.1.0"

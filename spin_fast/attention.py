@@ -1,0 +1,157 @@
+"""Attention kernels for the decoder: packed variable-length (training, prefill) and KV-cache decode.
+
+Two entry points, both taking GQA-shaped tensors (fewer KV heads than query heads):
+
+  varlen_attention(q, k, v, cu_seqlens, max_seqlen)  packed sequences, no padding, causal within each
+  decode_attention(q, k_cache, v_cache, lengths)     one new query per slot against that slot's cache
+
+Backends for the packed path:
+  "sdpa"  torch scaled_dot_product_attention with a block-diagonal causal (N, N) mask; runs anywhere,
+          but the mask is O(N^2): fine for prefill chunks and tests, not for long training packs.
+  "flex"  FlexAttention with a document block mask (O(N) mask storage, skips empty blocks); compiled
+          on CUDA, eager (slow, for tests) on CPU.
+  "flash" flash-attn's varlen kernel; CUDA only, optional import.
+"auto" picks flash, then flex, on CUDA; sdpa on CPU. The mask is built once per forward by
+`prepare_varlen` and shared by all layers. Decode always uses SDPA: one query per slot is
+bandwidth-bound on reading the cache, and SDPA keeps the step capturable in a CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "flex", "flash")
+
+try:  # optional: flash-attn is not a dependency, and is never installed on CPU machines
+    from flash_attn import flash_attn_varlen_func  # type: ignore
+except Exception:  # ImportError, or a broken CUDA build raising at import
+    flash_attn_varlen_func = None
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # torch without FlexAttention
+    flex_attention = create_block_mask = None
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    # built on first use, not at import; dynamic: packs of different token counts share one graph
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex(q, k, v, block_mask, enable_gqa):
+    """FlexAttention, compiled once per process on CUDA (eager flex is a slow reference)."""
+    if q.device.type == "cuda":
+        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    with warnings.catch_warnings():  # eager on CPU is deliberate (tests); silence only this call's warning
+        warnings.simplefilter("ignore")
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "flash" and flash_attn_varlen_func is None:
+        raise ValueError("attention backend 'flash' requested but flash_attn is not importable; "
+                         "use 'sdpa', 'flex' or 'auto'")
+    if backend == "flex" and flex_attention is None:
+        raise ValueError("attention backend 'flex' requested but this torch has no FlexAttention; use 'sdpa'")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ("sdpa", "flex" or "flash") for tensors on `device`."""
+    check_backend(backend)
+    if backend == "auto":
+        if device.type != "cuda":
+            return "sdpa"
+        return "flash" if flash_attn_varlen_func is not None else ("flex" if flex_attention is not None else "sdpa")
+    if backend == "flash" and device.type != "cuda":
+        raise ValueError(f"attention backend 'flash' needs CUDA tensors, got device {device}")
+    return backend
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, N) bool mask, True where token i may attend to token j: same sequence and j <= i."""
+    idx = torch.arange(n, device=cu_seqlens.device)                                  # (N,)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)                 # (N,) sequence of each token
+    same = seq[:, None] == seq[None, :]                                              # (N, N)
+    return same & (idx[None, :] <= idx[:, None])                                     # causal: j <= i
+
+
+def prepare_varlen(cu_seqlens: torch.Tensor, n: int, backend: str):
+    """What every layer's varlen_attention reuses: the (N, N) mask for sdpa (None for one sequence),
+    the block mask for flex, nothing for flash. backend: a resolved one ("sdpa" | "flex" | "flash").
+    One sequence needs no mask at all (None): both sdpa and flex then run SDPA's plain causal kernel."""
+    if cu_seqlens.numel() == 2 and backend != "flash":
+        return None
+    if backend == "sdpa":
+        return block_causal_mask(cu_seqlens, n)
+    if backend == "flex":
+        idx = torch.arange(n, device=cu_seqlens.device)
+        doc = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)              # (N,) sequence id
+
+        def causal_same_doc(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & (ki <= qi)
+        # _compile on CUDA: builds the block mask without materialising the dense (N, N) mask first
+        return create_block_mask(causal_same_doc, None, None, n, n, device=cu_seqlens.device,
+                                 _compile=cu_seqlens.device.type == "cuda")
+    return None
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int | None, backend: str = "auto", prepared=None) -> torch.Tensor:
+    """Causal attention over packed sequences.
+
+    q: (N, H, D), k/v: (N, KV, D) with H % KV == 0; cu_seqlens: (S+1,) int32 offsets, cu_seqlens[-1] == N.
+    prepared: prepare_varlen(cu_seqlens, N, resolved backend), to build the mask once for all layers.
+    Returns (N, H, D).
+    """
+    n, h, d = q.shape
+    kv = k.shape[1]
+    backend = resolve_backend(backend, q.device)
+    if prepared is None and backend != "flash":
+        prepared = prepare_varlen(cu_seqlens, n, backend)
+    if backend == "flash":
+        if max_seqlen is None:  # one host sync; callers that know it (the packer) pass it in
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        cu = cu_seqlens.to(torch.int32)
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True)  # (N, H, D)
+    qt = q.transpose(0, 1).unsqueeze(0)                                              # (1, H, N, D)
+    kt = k.transpose(0, 1).unsqueeze(0)                                              # (1, KV, N, D)
+    vt = v.transpose(0, 1).unsqueeze(0)                                              # (1, KV, N, D)
+    if backend == "flex" and prepared is not None:
+        out = _flex(qt, kt, vt, prepared, enable_gqa=kv != h)
+    elif prepared is None:
+        # a single sequence: the plain causal kernel, no O(N^2) mask
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=kv != h)
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=prepared, enable_gqa=kv != h)  # (N, N) mask
+    return out.squeeze(0).transpose(0, 1)                                            # (N, H, D)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     lengths: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per slot against the first lengths[b] cached positions of that slot.
+
+    q: (B, H, D); k_cache/v_cache: (B, L, KV, D) (a view of one layer's cache for these slots);
+    lengths: (B,) int, number of valid cached positions (the new token's own K/V already written).
+    mask: optional precomputed (B, 1, 1, L) mask equivalent to arange(L) < lengths (bool, or additive
+    0 / -inf in q's dtype), shared by all layers.
+    Returns (B, H, D).
+    """
+    b, h, d = q.shape
+    L, kv = k_cache.shape[1], k_cache.shape[2]
+    g = h // kv
+    # GQA without repeating the cache: the G query heads sharing a KV head become G "query positions"
+    qg = q.view(b, kv, g, d)                                                         # (B, KV, G, D)
+    kt = k_cache.transpose(1, 2)                                                     # (B, KV, L, D)
+    vt = v_cache.transpose(1, 2)                                                     # (B, KV, L, D)
+    if mask is None:
+        valid = torch.arange(L, device=q.device)[None, :] < lengths[:, None]         # (B, L)
+        mask = valid[:, None, None, :]                                               # (B, 1, 1, L)
+    out = F.scaled_dot_product_attention(qg, kt, vt, attn_mask=mask)                 # (B, KV, G, D)
+    return out.reshape(b, h, d)

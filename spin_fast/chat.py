@@ -1,0 +1,53 @@
+"""Chat-template rendering: the ONE place the sampler and the trainer turn messages into token ids.
+
+Both sides must see the same prompt tokens, or the opponent's samples are conditioned on a prompt the
+trainer never scores. So: render to text with the tokenizer's (or a given) Jinja chat template, then
+tokenize that text with add_special_tokens=False (the template itself writes BOS and turn markers).
+"""
+from __future__ import annotations
+
+def _template(tokenizer, chat_template: str | None) -> str:
+    tpl = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    if not tpl:
+        name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+        raise ValueError(f"tokenizer {name!r} has no chat template: pass one (--chat-template STR / "
+                         f"chat_template=...), e.g. \"{{% for m in messages %}}{{{{ m['role'] }}}}: "
+                         f"{{{{ m['content'] }}}}\\n{{% endfor %}}{{% if add_generation_prompt %}}assistant: {{% endif %}}\"")
+    return tpl
+
+
+def render_text(tokenizer, messages: list[dict], chat_template: str | None = None,
+                add_generation_prompt: bool = True) -> str:
+    template = _template(tokenizer, chat_template)
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja2 TemplateError / raise_exception() in the template, e.g. role order
+        raise ValueError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render_prompt(tokenizer, messages: list[dict], chat_template: str | None = None) -> list[int]:
+    """Token ids of `messages` (ending on a user turn) followed by the assistant generation prompt."""
+    return encode(tokenizer, render_text(tokenizer, messages, chat_template, add_generation_prompt=True))
+
+
+def render_prompt_response(tokenizer, messages: list[dict], response: str,
+                           chat_template: str | None = None) -> tuple[list[int], int]:
+    """(ids of prompt + assistant `response` as the template closes a turn, number of prompt tokens).
+
+    The prompt part is exactly render_prompt(...), so response tokens are scored in the same context the
+    sampler generated them in; the response part is what the template adds after it (content + end of turn).
+    """
+    prompt_text = render_text(tokenizer, messages, chat_template, add_generation_prompt=True)
+    full_text = render_text(tokenizer, list(messages) + [{"role": "assistant", "content": response}],
+                            chat_template, add_generation_prompt=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("chat template renders prompt+response with a different prefix than the prompt alone "
+                         "(generation prompt not a prefix); cannot split prompt and response tokens")
+    prompt_ids = encode(tokenizer, prompt_text)
+    # tokenized separately: BPE merges across the boundary would otherwise shift the split point
+    return prompt_ids + encode(tokenizer, full_text[len(prompt_text):]), len(prompt_ids)

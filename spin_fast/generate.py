@@ -1,0 +1,212 @@
+"""`python -m spin_fast.generate`: sample one response per prompt of a data file into a resumable jsonl.
+
+    python -m spin_fast.generate --model DIR --data FILE --output OUT.jsonl [--max-new-tokens 256]
+        [--temperature 1.0] [--top-p 1.0] [--top-k 0] [--batch-size 64] [--seed 0] [--greedy]
+        [--max-prompt-length 512] [--truncation left|error] [--chat-template STR] [--skip-bad-rows]
+
+Also under `torchrun --nproc-per-node N -m spin_fast.generate ...`: each rank samples every N-th prompt,
+rank 0 writes. Output rows are in input order: {index, prompt_id, prompt, messages (+ the generated
+assistant turn), response, finish_reason, num_tokens}. Re-running with the same arguments appends only
+the prompts not yet in the output file; the seed key of a prompt is its row index, so a resumed run
+samples exactly what an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .chat import render_prompt
+from .data import load_prompts
+from .hf_io import load_model
+from .sampler import Sampler, SamplingParams, generate_sharded
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m spin_fast.generate", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="Hugging Face model folder (config.json + safetensors)")
+    ap.add_argument("--data", required=True,
+                    help=".jsonl / .json / .parquet, ultrachat_200k schema or a 'prompt' column")
+    ap.add_argument("--output", required=True, help="output .jsonl (appended to; resumable)")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64, help="KV-cache slots per rank")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--greedy", action="store_true")
+    ap.add_argument("--max-prompt-length", type=int, default=512)
+    ap.add_argument("--truncation", choices=("left", "error"), default="left",
+                    help="a rendered prompt longer than --max-prompt-length (or the model context): "
+                         "keep its last tokens, or stop with an error naming the row")
+    ap.add_argument("--chat-template", default=None, help="Jinja chat template (for tokenizers without one)")
+    ap.add_argument("--skip-bad-rows", action="store_true", help="skip and count invalid rows instead of stopping")
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("--logprobs", action="store_true", help="also write the sampled tokens' log-probs")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bfloat16 on CUDA, else float32")
+    ap.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+    ap.add_argument("--attn-backend", choices=("auto", "sdpa", "flex", "flash"), default="auto")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def read_done(path: Path) -> dict[int, str]:
+    """{row index: prompt_id} already in the output file. A torn last line (a killed run) is cut off."""
+    done = {}
+    if not path.exists():
+        return done
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):                      # partial trailing line: drop it so appends stay valid jsonl
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    for lineno, line in enumerate(data[:end].splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            done[int(row["index"])] = str(row["prompt_id"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{lineno}: not a row written by spin_fast.generate ({e!r}); "
+                             f"use a fresh --output") from None
+    return done
+
+
+def eos_ids(model_dir: Path, model, tokenizer) -> list[int]:
+    ids = set(model.config.eos_token_ids)
+    gc = model_dir / "generation_config.json"
+    if gc.is_file():
+        e = json.loads(gc.read_text()).get("eos_token_id")
+        ids.update([e] if isinstance(e, int) else (e or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from transformers import AutoTokenizer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, greedy=args.greedy, seed=args.seed, stop_strings=tuple(args.stop),
+                            return_logprobs=args.logprobs)
+    if args.max_prompt_length < 1:
+        raise ValueError(f"--max-prompt-length must be >= 1, got {args.max_prompt_length}")
+
+    model_dir, out_path = Path(args.model), Path(args.output)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows, bad = load_prompts(args.data, skip_bad_rows=args.skip_bad_rows)
+    done = read_done(out_path) if rank == 0 else {}
+    if world > 1:  # every rank must agree on what is left; rank 0 read the file
+        box = [done]
+        torch.distributed.broadcast_object_list(box, src=0)
+        done = box[0]
+    for r in rows:
+        if r.index in done and done[r.index] != r.prompt_id:
+            raise ValueError(f"{out_path}: row index {r.index} has prompt_id {done[r.index]!r} but {args.data} "
+                             f"row {r.index} has {r.prompt_id!r}: the output belongs to different data")
+    todo = [r for r in rows if r.index not in done]
+
+    model = load_model(model_dir, device=device, dtype=dtype, attn_backend=args.attn_backend)
+    ctx = model.config.max_position_embeddings
+    if args.max_new_tokens >= ctx:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be < the model context {ctx}")
+    # room for max_new_tokens after every prompt, so "length" means max_new_tokens, not a full context
+    limit = min(args.max_prompt_length, ctx - args.max_new_tokens)
+    prompts, kept, truncated = [], [], 0
+    for r in todo:
+        try:
+            ids = render_prompt(tokenizer, r.messages, args.chat_template)
+            if not ids:
+                raise ValueError("prompt renders to 0 tokens")
+        except ValueError as e:
+            if "no chat template" in str(e):
+                raise                      # a property of the tokenizer, not of this row
+            if not args.skip_bad_rows:
+                raise ValueError(f"{r.loc}: {e}") from None
+            bad.append(f"{r.loc}: {e}")
+            continue
+        if len(ids) > limit:
+            if args.truncation == "error":
+                raise ValueError(f"{r.loc}: prompt has {len(ids)} tokens > limit {limit} (--max-prompt-length "
+                                 f"{args.max_prompt_length}; model context {ctx} minus --max-new-tokens "
+                                 f"{args.max_new_tokens}); use --truncation left")
+            ids, truncated = ids[-limit:], truncated + 1       # keep the end: the question and the turn marker
+        prompts.append(ids)
+        kept.append(r)
+
+    sampler = Sampler(model, batch_size=args.batch_size, eos_token_ids=eos_ids(model_dir, model, tokenizer),
+                      tokenizer=tokenizer)
+    keys = [r.index for r in kept]
+    reasons, n_tokens = Counter(), 0
+    t0 = time.perf_counter()
+
+    def row_of(r, g):
+        response = g.text
+        out = {"index": r.index, "prompt_id": r.prompt_id, "prompt": r.prompt,
+               "messages": r.messages + [{"role": "assistant", "content": response}],
+               "response": response, "finish_reason": g.finish_reason, "num_tokens": len(g.token_ids)}
+        if args.logprobs:
+            out["token_ids"], out["logprobs"] = g.token_ids, g.logprobs
+        return out
+
+    if rank == 0:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    with (open(out_path, "a", encoding="utf-8") if rank == 0 else open(os.devnull, "w")) as f:
+        def write(r, g):
+            nonlocal n_tokens
+            reasons[g.finish_reason] += 1
+            n_tokens += len(g.token_ids)
+            f.write(json.dumps(row_of(r, g), ensure_ascii=False) + "\n")
+            f.flush()
+        if world == 1:
+            # stream in input order: buffer completions until the next row in order is there
+            pending, nxt = {}, 0
+            for g in sampler.stream(prompts, params, keys, progress=not args.no_progress):
+                pending[g.index] = g
+                while nxt in pending:
+                    write(kept[nxt], pending.pop(nxt))
+                    nxt += 1
+        else:
+            gens = generate_sharded(sampler, prompts, params, keys, progress=not args.no_progress)
+            if rank == 0:
+                for r, g in zip(kept, gens):
+                    write(r, g)
+    dt = time.perf_counter() - t0
+    summary = {"rows": len(rows) + len(bad), "already_done": len(done), "generated": len(kept),
+               "bad_rows": len(bad), "truncated_prompts": truncated, "finish_reasons": dict(reasons),
+               "new_tokens": n_tokens, "seconds": round(dt, 2), "tokens_per_s": round(n_tokens / max(dt, 1e-9), 1)}
+    if rank == 0:
+        for msg in bad[:10]:
+            print(f"skipped: {msg}", file=sys.stderr)
+        print(json.dumps(summary), file=sys.stderr)
+    if world > 1:
+        torch.distributed.barrier()  # no rank tears down gloo while another is still in a collective
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:  # bad input: the message names the file/row/tensor; no traceback needed
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,321 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2): token ids in, FINAL HIDDEN STATES out.
+
+The forward stops after the last RMSNorm and does not apply the LM head: the fused loss kernels take
+`hidden` and `model.lm_head_weight` (the [V, H] weight, tied or not) and never materialise [N, V]
+logits. `model.logits(hidden)` is there for sampling and tests.
+
+Two modes, both padding-free:
+  * packed varlen: input_ids (N,), position_ids (N,), cu_seqlens (S+1,) int32 -> hidden (N, H).
+    With a KVCache and `slots` (S,), the keys/values of sequence s are also written into cache slot
+    slots[s] at their positions (prefill for the sampler).
+  * decode: input_ids (B,), position_ids (B,) and a KVCache with `slots` (B,): one new token per slot,
+    attending to that slot's cache -> hidden (B, H).
+
+Parameter names equal the Hugging Face names minus the "model." prefix, so hf_io.py maps by string.
+
+`with model.cpu_prepacked():` (used by the sampler on CPU) runs inference on oneDNN-prepacked fp32
+weights with q/k/v and gate/up fused into one GEMM each: same maths, fewer and faster kernels.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import check_backend, decode_attention, prepare_varlen, resolve_backend, varlen_attention
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None          # None | {"rope_type": "linear"|"llama3", ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False                    # Qwen2 (or Llama with attention_bias=True)
+    o_bias: bool = False                      # Llama attention_bias=True also biases o_proj
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    hf_config: dict = field(default_factory=dict, repr=False)  # the raw config.json, written back on save
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={self.num_heads} must be a multiple of "
+                             f"num_key_value_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """(head_dim/2,) float32 inverse frequencies, with linear or llama3 scaling applied."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # (D/2,)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    if s["rope_type"] == "linear":
+        return inv / float(s["factor"])
+    if s["rope_type"] == "llama3":  # Llama 3.1: long wavelengths slowed by `factor`, smooth blend between
+        factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old = float(s["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        mid = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        return torch.where(mid, blended, scaled)
+    raise ValueError(f"unsupported rope_type {s['rope_type']!r}")  # hf_io refuses these earlier
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin: (N, D) for positions (N,), computed in fp32 like transformers, then cast."""
+    # .float(): load_model keeps inv_freq fp32, but a model.to(bf16) would have cast the buffer
+    freqs = position_ids.float()[:, None] * inv_freq.float()[None, :]                  # (N, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)                                            # (N, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (N, heads, D); rotate-half convention (the HF checkpoints' q/k layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rot = torch.cat((-x2, x1), dim=-1)                                                 # (N, heads, D)
+    return x * cos[:, None, :] + rot * sin[:, None, :]
+
+
+def cpu_prepack_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _prepack(weight: torch.Tensor, batch_hint: int):
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+
+
+def _packed_linear(x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """nn.Linear that, inside Transformer.cpu_prepacked(), runs on a oneDNN-prepacked copy of its weight.
+
+    Why: on CPU, fp32 GEMMs with a few rows (decode: one row per slot) run ~5x faster from oneDNN's
+    blocked weight layout than from the plain [out, in] layout (measured on AVX-512). Still fp32.
+    Used only without autograd; the copy is dropped when the context exits, so it is never stale.
+    """
+    packed = None
+
+    def forward(self, x):
+        if self.packed is not None and not torch.is_grad_enabled():
+            return _packed_linear(x, self.packed, self.bias)
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32 whatever the compute dtype, as in the reference implementations
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values, [layers, slots, max_len, kv_heads, head_dim] each.
+
+    Fixed slots: the sampler owns which prompt lives in which slot and how long it is; the cache is
+    only storage, so it can be reused across generate() calls without reallocation.
+    """
+
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device, dtype):
+        shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.slots, self.max_len = slots, max_len
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+@dataclass
+class CacheArgs:
+    """Where a forward reads/writes the cache. slots: (S,) packed prefill or (B,) decode, int64.
+    kv_len (decode only): how many cache positions to attend over, >= max position + 1 of any slot;
+    a Python int so the slice is static (the sampler passes max_len under CUDA graphs).
+    all_slots: slots is arange(cache.slots), so decode reads the cache as a view instead of gathering."""
+    cache: KVCache
+    slots: torch.Tensor
+    decode: bool
+    kv_len: int | None = None
+    all_slots: bool = False
+    mask: torch.Tensor | None = None    # (B, 1, 1, kv_len) additive decode mask, built once per forward
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.h, self.kv, self.d = h, kv, d
+        self.q_proj = Linear(cfg.hidden_size, h * d, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
+        self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_packed = self.qkv_bias = None   # set inside Transformer.cpu_prepacked()
+
+    def forward(self, x, cos, sin, layer: int, cu_seqlens, max_seqlen, position_ids, cache: CacheArgs | None,
+                backend: str, prepared):
+        n, h, kv = x.shape[0], self.h, self.kv
+        if self.qkv_packed is not None and not torch.is_grad_enabled():
+            # one GEMM for q, k, v and one RoPE call for q and k together: fewer ops per decode step
+            qkv = _packed_linear(x, self.qkv_packed, self.qkv_bias)                    # (N, (H+2KV)*D)
+            qk = apply_rope(qkv[:, : (h + kv) * self.d].view(n, h + kv, self.d), cos, sin)  # (N, H+KV, D)
+            q, k = qk[:, :h], qk[:, h:]                                                # (N, H, D), (N, KV, D)
+            v = qkv[:, (h + kv) * self.d:].view(n, kv, self.d)                         # (N, KV, D)
+        else:
+            q = apply_rope(self.q_proj(x).view(n, h, self.d), cos, sin)                # (N, H, D)
+            k = apply_rope(self.k_proj(x).view(n, kv, self.d), cos, sin)               # (N, KV, D)
+            v = self.v_proj(x).view(n, kv, self.d)                                     # (N, KV, D)
+        if cache is None:
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend, prepared)  # (N, H, D)
+        elif not cache.decode:
+            # prefill: every sequence starts an empty slot, so its own K/V are its whole context
+            tok_slot = cache.slots.repeat_interleave(cu_seqlens.diff().long(), output_size=n)  # (N,)
+            cache.cache.k[layer, tok_slot, position_ids] = k
+            cache.cache.v[layer, tok_slot, position_ids] = v
+            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend, prepared)  # (N, H, D)
+        else:
+            kc, vc = cache.cache.k[layer], cache.cache.v[layer]                        # (SLOTS, L, KV, D)
+            kc[cache.slots, position_ids] = k                                          # new token's K/V in place
+            vc[cache.slots, position_ids] = v
+            L = cache.kv_len or cache.cache.max_len
+            if cache.all_slots:
+                kc, vc = kc[:, :L], vc[:, :L]                                          # views, no copy
+            else:
+                kc, vc = kc[cache.slots, :L], vc[cache.slots, :L]                      # (B, L, KV, D) gathers
+            out = decode_attention(q, kc, vc, position_ids + 1, cache.mask)            # (B, H, D)
+        return self.o_proj(out.reshape(n, self.h * self.d))                            # (N, hidden)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_packed = None               # set inside Transformer.cpu_prepacked()
+
+    def forward(self, x):
+        if self.gate_up_packed is not None and not torch.is_grad_enabled():
+            gate, up = _packed_linear(x, self.gate_up_packed, None).chunk(2, dim=-1)   # (N, I) each
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))            # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, position_ids, cache, backend, prepared):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, self.layer, cu_seqlens, max_seqlen,
+                               position_ids, cache, backend, prepared)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_backend: str = "auto"):
+        super().__init__()
+        self.config = cfg
+        self.attn_backend = check_backend(attn_backend)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # tied: no separate parameter, lm_head_weight is the embedding (one tensor, one gradient)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # a buffer, so .to(device) moves it; not persistent: it is derived from the config
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The [V, H] output projection, tied or not."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._packed_lm_head is not None and not torch.is_grad_enabled():
+            return _packed_linear(hidden, self._packed_lm_head, None)                  # (N, V)
+        return F.linear(hidden, self.lm_head_weight)                                   # (N, V)
+
+    _packed_lm_head = None
+
+    @contextmanager
+    def cpu_prepacked(self, batch_hint: int = 16):
+        """Inference on CPU with prepacked fp32 weights (see Linear). A no-op off CPU or without oneDNN.
+        Holds a second copy of the weights while active: for sampling, not for training."""
+        if self.lm_head_weight.device.type != "cpu" or not cpu_prepack_available() \
+                or self.lm_head_weight.dtype != torch.float32:
+            yield self
+            return
+        attns = [blk.self_attn for blk in self.layers]
+        mlps = [blk.mlp for blk in self.layers]
+        try:
+            for a in attns:
+                w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])  # ((H+2KV)*D, hidden)
+                a.qkv_packed = _prepack(w, batch_hint)
+                if a.q_proj.bias is not None:
+                    a.qkv_bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach()
+                a.o_proj.packed = _prepack(a.o_proj.weight, batch_hint)
+            for m in mlps:
+                m.gate_up_packed = _prepack(torch.cat([m.gate_proj.weight, m.up_proj.weight]), batch_hint)
+                m.down_proj.packed = _prepack(m.down_proj.weight, batch_hint)
+            self._packed_lm_head = _prepack(self.lm_head_weight, batch_hint)
+            yield self
+        finally:
+            for a in attns:
+                a.qkv_packed = a.qkv_bias = a.o_proj.packed = None
+            for m in mlps:
+                m.gate_up_packed = m.down_proj.packed = None
+            self._packed_lm_head = None
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None, cache: CacheArgs | None = None) -> torch.Tensor:
+        """input_ids, position_ids: (N,). cu_seqlens (S+1,) int32 for packed/prefill (None: one sequence,
+        or decode). Returns final hidden states (N, hidden_size), after the last norm."""
+        if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
+            raise ValueError(f"input_ids and position_ids must be 1-D and equal-shaped (packed, no padding); "
+                             f"got input_ids {tuple(input_ids.shape)}, position_ids {tuple(position_ids.shape)}")
+        decode = cache is not None and cache.decode
+        if cu_seqlens is None and not decode:
+            cu_seqlens = torch.tensor([0, input_ids.numel()], dtype=torch.int32, device=input_ids.device)
+        if decode and cache.mask is None:
+            L = cache.kv_len or cache.cache.max_len
+            valid = torch.arange(L, device=input_ids.device)[None, :] <= position_ids[:, None]  # (B, L)
+            # additive float mask: SDPA would convert a bool mask in every layer
+            add = torch.zeros(valid.shape, dtype=self.embed_tokens.weight.dtype, device=valid.device)
+            cache = replace(cache, mask=add.masked_fill_(~valid, float("-inf"))[:, None, None, :])  # (B, 1, 1, L)
+        backend, prepared = None, None
+        if not decode:  # the packed mask (sdpa) / block mask (flex), built once and shared by every layer
+            backend = resolve_backend(self.attn_backend, input_ids.device)
+            prepared = prepare_varlen(cu_seqlens, input_ids.numel(), backend)
+        x = self.embed_tokens(input_ids)                                               # (N, hidden)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)                  # (N, D) each
+        for blk in self.layers:
+            x = blk(x, cos, sin, cu_seqlens, max_seqlen, position_ids, cache, backend, prepared)
+        return self.norm(x)

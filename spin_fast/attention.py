@@ -102,6 +102,34 @@ def prepare_varlen(cu_seqlens: torch.Tensor, n: int, backend: str):
     return None
 
 
+class SplitBounds:
+    """`prepared` for sdpa without the (N, N) mask: host cu_seqlens, one causal SDPA per run of
+    equal-length sequences (the sampler's prefill on CPU: the dense mask costs O(N^2) per layer)."""
+
+    def __init__(self, cu: list[int]):
+        self.cu = cu
+
+
+def _split_causal(q, k, v, cu: list[int]) -> torch.Tensor:
+    """varlen causal attention as batched plain-causal SDPA calls, one per run of equal lengths."""
+    n, h, d = q.shape
+    kv = k.shape[1]
+    out = q.new_empty(q.shape)
+    i, s = 0, len(cu) - 1
+    while i < s:
+        ln, j = cu[i + 1] - cu[i], i + 1
+        while j < s and cu[j + 1] - cu[j] == ln:
+            j += 1
+        a, b, r = cu[i], cu[j], j - i
+        qt = q[a:b].reshape(r, ln, h, d).transpose(1, 2)                               # (R, H, T, D)
+        kt = k[a:b].reshape(r, ln, kv, d).transpose(1, 2)                              # (R, KV, T, D)
+        vt = v[a:b].reshape(r, ln, kv, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=kv != h)  # (R, H, T, D)
+        out[a:b] = o.transpose(1, 2).reshape(b - a, h, d)
+        i = j
+    return out
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int | None, backend: str = "auto", prepared=None) -> torch.Tensor:
     """Causal attention over packed sequences.
@@ -112,6 +140,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """
     n, h, d = q.shape
     kv = k.shape[1]
+    if isinstance(prepared, SplitBounds):
+        return _split_causal(q, k, v, prepared.cu)
     backend = resolve_backend(backend, q.device)
     if prepared is None and backend != "flash":
         prepared = prepare_varlen(cu_seqlens, n, backend)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import check_backend, decode_attention, prepare_varlen, resolve_backend, varlen_attention
+from .attention import SplitBounds, check_backend, prepare_varlen, resolve_backend, varlen_attention
 
 
 @dataclass
@@ -98,7 +98,16 @@ def cpu_prepack_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+# below this many weight elements the plain (MKL) GEMM beats oneDNN's packed one for a few rows: the
+# packed call has ~10 us of fixed overhead (measured on 2 AVX-512 cores: 16x64 @ 64x128 packed 14.5 us vs
+# plain 8.9 us; 64x512 15.0 vs 17.8; 576x960 50 vs 139). Tiny models (stories260K) keep plain weights.
+PREPACK_MIN_NUMEL = 32768
+
+
 def _prepack(weight: torch.Tensor, batch_hint: int):
+    """The oneDNN-packed weight, or None where the plain GEMM is faster (tiny weights)."""
+    if weight.numel() < PREPACK_MIN_NUMEL:
+        return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
 
 
@@ -128,6 +137,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and not torch.is_grad_enabled():
+            # inference in fp32: the fused kernel (one op instead of six; same fp32 maths)
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # statistics in fp32 whatever the compute dtype, as in the reference implementations
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -135,14 +147,16 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values, [layers, slots, max_len, kv_heads, head_dim] each.
+    """Preallocated keys/values, [layers, slots, kv_heads, max_len, head_dim] each (head-major, as in
+    transformers): one slot's keys for one KV head are contiguous, so decode attention reads a layer's
+    cache over all slots as a (slots * kv_heads, len, head_dim) view, with no copy.
 
     Fixed slots: the sampler owns which prompt lives in which slot and how long it is; the cache is
     only storage, so it can be reused across generate() calls without reallocation.
     """
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device, dtype):
-        shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, slots, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.slots, self.max_len = slots, max_len
@@ -174,14 +188,15 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.v_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
-        self.qkv_packed = self.qkv_bias = None   # set inside Transformer.cpu_prepacked()
+        # set inside Transformer.cpu_prepacked(): the fused q/k/v weight, prepacked (or plain when tiny)
+        self.qkv_packed = self.qkv_weight = self.qkv_bias = None
 
     def forward(self, x, cos, sin, layer: int, cu_seqlens, max_seqlen, position_ids, cache: CacheArgs | None,
                 backend: str, prepared):
         n, h, kv = x.shape[0], self.h, self.kv
-        if self.qkv_packed is not None and not torch.is_grad_enabled():
-            # one GEMM for q, k, v and one RoPE call for q and k together: fewer ops per decode step
-            qkv = _packed_linear(x, self.qkv_packed, self.qkv_bias)                    # (N, (H+2KV)*D)
+        if (self.qkv_packed is not None or self.qkv_weight is not None) and not torch.is_grad_enabled():
+            # one GEMM for q, k, v and one RoPE call for q and k together
+            qkv = self.qkv(x)                                                          # (N, (H+2KV)*D)
             qk = apply_rope(qkv[:, : (h + kv) * self.d].view(n, h + kv, self.d), cos, sin)  # (N, H+KV, D)
             q, k = qk[:, :h], qk[:, h:]                                                # (N, H, D), (N, KV, D)
             v = qkv[:, (h + kv) * self.d:].view(n, kv, self.d)                         # (N, KV, D)
@@ -194,20 +209,21 @@ class Attention(nn.Module):
         elif not cache.decode:
             # prefill: every sequence starts an empty slot, so its own K/V are its whole context
             tok_slot = cache.slots.repeat_interleave(cu_seqlens.diff().long(), output_size=n)  # (N,)
-            cache.cache.k[layer, tok_slot, position_ids] = k
-            cache.cache.v[layer, tok_slot, position_ids] = v
+            cache.cache.k[layer, tok_slot, :, position_ids] = k                        # (N, KV, D) rows
+            cache.cache.v[layer, tok_slot, :, position_ids] = v
             out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend, prepared)  # (N, H, D)
         else:
-            kc, vc = cache.cache.k[layer], cache.cache.v[layer]                        # (SLOTS, L, KV, D)
-            kc[cache.slots, position_ids] = k                                          # new token's K/V in place
-            vc[cache.slots, position_ids] = v
-            L = cache.kv_len or cache.cache.max_len
-            if cache.all_slots:
-                kc, vc = kc[:, :L], vc[:, :L]                                          # views, no copy
-            else:
-                kc, vc = kc[cache.slots, :L], vc[cache.slots, :L]                      # (B, L, KV, D) gathers
-            out = decode_attention(q, kc, vc, position_ids + 1, cache.mask)            # (B, H, D)
+            raise AssertionError("decode runs through Transformer._decode_forward")
         return self.o_proj(out.reshape(n, self.h * self.d))                            # (N, hidden)
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, (H + 2 KV) * D): q, k, v side by side (one prepacked GEMM inside cpu_prepacked())."""
+        if not torch.is_grad_enabled():
+            if self.qkv_packed is not None:
+                return _packed_linear(x, self.qkv_packed, self.qkv_bias)
+            if self.qkv_weight is not None:
+                return F.linear(x, self.qkv_weight, self.qkv_bias)
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
 
 class MLP(nn.Module):
@@ -216,12 +232,14 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_packed = None               # set inside Transformer.cpu_prepacked()
+        self.gate_up_packed = self.gate_up_weight = None   # set inside Transformer.cpu_prepacked()
 
     def forward(self, x):
-        if self.gate_up_packed is not None and not torch.is_grad_enabled():
-            gate, up = _packed_linear(x, self.gate_up_packed, None).chunk(2, dim=-1)   # (N, I) each
-            return self.down_proj(F.silu(gate) * up)
+        if (self.gate_up_packed is not None or self.gate_up_weight is not None) and not torch.is_grad_enabled():
+            gu = (_packed_linear(x, self.gate_up_packed, None) if self.gate_up_packed is not None
+                  else F.linear(x, self.gate_up_weight))                                 # (N, 2I)
+            gate, up = gu.chunk(2, dim=-1)                                             # (N, I) each
+            return self.down_proj.forward(F.silu(gate).mul_(up))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))            # SwiGLU
 
 
@@ -277,21 +295,24 @@ class Transformer(nn.Module):
         mlps = [blk.mlp for blk in self.layers]
         try:
             for a in attns:
-                w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])  # ((H+2KV)*D, hidden)
+                w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()  # ((H+2KV)*D, hidden)
                 a.qkv_packed = _prepack(w, batch_hint)
+                a.qkv_weight = w if a.qkv_packed is None else None
                 if a.q_proj.bias is not None:
                     a.qkv_bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]).detach()
                 a.o_proj.packed = _prepack(a.o_proj.weight, batch_hint)
             for m in mlps:
-                m.gate_up_packed = _prepack(torch.cat([m.gate_proj.weight, m.up_proj.weight]), batch_hint)
+                w = torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach()
+                m.gate_up_packed = _prepack(w, batch_hint)
+                m.gate_up_weight = w if m.gate_up_packed is None else None
                 m.down_proj.packed = _prepack(m.down_proj.weight, batch_hint)
             self._packed_lm_head = _prepack(self.lm_head_weight, batch_hint)
             yield self
         finally:
             for a in attns:
-                a.qkv_packed = a.qkv_bias = a.o_proj.packed = None
+                a.qkv_packed = a.qkv_weight = a.qkv_bias = a.o_proj.packed = None
             for m in mlps:
-                m.gate_up_packed = m.down_proj.packed = None
+                m.gate_up_packed = m.gate_up_weight = m.down_proj.packed = None
             self._packed_lm_head = None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
@@ -301,21 +322,70 @@ class Transformer(nn.Module):
         if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
             raise ValueError(f"input_ids and position_ids must be 1-D and equal-shaped (packed, no padding); "
                              f"got input_ids {tuple(input_ids.shape)}, position_ids {tuple(position_ids.shape)}")
-        decode = cache is not None and cache.decode
-        if cu_seqlens is None and not decode:
+        if cache is not None and cache.decode:
+            return self._decode_forward(input_ids, position_ids, cache)
+        if cu_seqlens is None:
             cu_seqlens = torch.tensor([0, input_ids.numel()], dtype=torch.int32, device=input_ids.device)
-        if decode and cache.mask is None:
-            L = cache.kv_len or cache.cache.max_len
-            valid = torch.arange(L, device=input_ids.device)[None, :] <= position_ids[:, None]  # (B, L)
-            # additive float mask: SDPA would convert a bool mask in every layer
-            add = torch.zeros(valid.shape, dtype=self.embed_tokens.weight.dtype, device=valid.device)
-            cache = replace(cache, mask=add.masked_fill_(~valid, float("-inf"))[:, None, None, :])  # (B, 1, 1, L)
-        backend, prepared = None, None
-        if not decode:  # the packed mask (sdpa) / block mask (flex), built once and shared by every layer
-            backend = resolve_backend(self.attn_backend, input_ids.device)
+        # the packed mask (sdpa) / block mask (flex), built once and shared by every layer
+        backend = resolve_backend(self.attn_backend, input_ids.device)
+        if cache is not None and backend == "sdpa" and cu_seqlens.numel() > 2:
+            # cache prefill (inference): per-sequence causal SDPA instead of an O(N^2) block mask
+            prepared = SplitBounds(cu_seqlens.tolist())
+        else:
             prepared = prepare_varlen(cu_seqlens, input_ids.numel(), backend)
         x = self.embed_tokens(input_ids)                                               # (N, hidden)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)                  # (N, D) each
         for blk in self.layers:
             x = blk(x, cos, sin, cu_seqlens, max_seqlen, position_ids, cache, backend, prepared)
         return self.norm(x)
+
+    def _decode_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: CacheArgs) -> torch.Tensor:
+        """One new token per slot against the KV cache: (B,) ids and positions -> (B, hidden).
+
+        Host-overhead-lean (a decode step of a small model is bound by per-op dispatch, not FLOPs):
+        everything position-dependent (RoPE cos/sin, the additive mask, the cache rows to write) is
+        computed once per step for all layers; per layer there is one q/k/v GEMM, RoPE on q and k
+        together, two index_copy_ into the cache, and attention as baddbmm + softmax + bmm straight
+        on views of the head-major cache (GQA: the G query heads of a KV head are G rows of one bmm).
+        Submodules are called through .forward: no hooks run here (no FSDP/autograd in decode).
+        Ops only (no host syncs), so the step stays capturable in a CUDA graph.
+        """
+        cfg, c = self.config, cache.cache
+        b, h, kv, d = input_ids.numel(), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        g, m, dev = h // kv, c.max_len, input_ids.device
+        L = cache.kv_len or m
+        dtype = self.embed_tokens.weight.dtype
+        if cache.mask is not None:                       # a caller's (B, 1, 1, L) mask: bool or additive
+            mask = cache.mask.reshape(b, -1)
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=dtype, device=dev).masked_fill_(~mask, float("-inf"))
+        else:
+            ar = torch.arange(L, device=dev)
+            mask = torch.zeros((b, L), dtype=dtype, device=dev).masked_fill_(ar > position_ids[:, None], float("-inf"))
+        mask = mask.to(dtype)[:, None, :].expand(b, kv, L).reshape(b * kv, 1, L)      # (B*KV, 1, L)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, dtype)                    # (B, D) each
+        # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi] (negation is exact)
+        sin = torch.cat((-sin[:, : d // 2], sin[:, d // 2:]), dim=-1)[:, None, :]       # (B, 1, D)
+        cos = cos[:, None, :]
+        # flat rows of one layer's cache viewed as (SLOTS*KV*M, D): slot s, head j, position p
+        rows = ((cache.slots[:, None] * kv + torch.arange(kv, device=dev)) * m + position_ids[:, None]).reshape(-1)
+        scale = 1.0 / math.sqrt(d)
+        x = F.embedding(input_ids, self.embed_tokens.weight)                           # (B, hidden)
+        for i, blk in enumerate(self.layers):
+            a = blk.self_attn
+            qkv = a.qkv(blk.input_layernorm.forward(x))                                # (B, (H+2KV)*D)
+            qk = qkv[:, : (h + kv) * d].view(b, h + kv, d)
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)                     # RoPE, (B, H+KV, D)
+            ck, cv = c.k[i], c.v[i]                                                    # (SLOTS, KV, M, D)
+            ck.view(-1, d).index_copy_(0, rows, qk[:, h:].reshape(b * kv, d))
+            cv.view(-1, d).index_copy_(0, rows, qkv[:, (h + kv) * d:].reshape(b * kv, d))
+            if cache.all_slots:
+                ck, cv = ck[:, :, :L], cv[:, :, :L]                                    # views, no copy
+            else:
+                ck, cv = ck[cache.slots, :, :L], cv[cache.slots, :, :L]                # (B, KV, L, D) gathers
+            ck, cv = ck.reshape(b * kv, L, d), cv.reshape(b * kv, L, d)
+            s = torch.baddbmm(mask, qk[:, :h].reshape(b * kv, g, d), ck.transpose(1, 2), alpha=scale)
+            o = torch.bmm(s.softmax(-1), cv)                                           # (B*KV, G, D)
+            x = x + a.o_proj.forward(o.view(b, h * d))
+            x = x + blk.mlp.forward(blk.post_attention_layernorm.forward(x))
+        return self.norm.forward(x)

@@ -82,10 +82,24 @@ def _mix32(x):
 
 def uniforms(seed: int, key: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """(B,) float64 in (0, 1), a pure function of (seed, key[b], step[b])."""
+    return uniforms_from_hashes(key_hash(seed, key), step_hash(step))
+
+
+def key_hash(seed: int, key):
+    """The (seed, key) half of `uniforms`: constant per prompt, so the sampler computes it once per slot."""
     s = _mix32(_mix32(seed & M32) ^ _mix32((seed >> 32) + 0x9E3779B9))               # host ints
     h = _mix32(_mix32(key & M32) ^ s)                                                  # (B,)
-    h = _mix32(h ^ _mix32((key >> 32) + 0x632BE5AB))
-    h = _mix32(h ^ _mix32(step + 0x85EBCA6B))
+    return _mix32(h ^ _mix32((key >> 32) + 0x632BE5AB))
+
+
+def step_hash(step):
+    """The step half of `uniforms` (the sampler tabulates it once per run and gathers it per step)."""
+    return _mix32(step + 0x85EBCA6B)
+
+
+def uniforms_from_hashes(kh: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:
+    """uniforms() from key_hash(seed, key) and step_hash(step): bit-identical, fewer ops per step."""
+    h = _mix32(kh ^ sh)
     lo = _mix32(h ^ 0x27D4EB2F)                                                        # a second lane: 53 bits
     bits = (h << 21) | (lo >> 11)                                                      # < 2**53
     return (bits.double() + 0.5) / float(1 << 53)
@@ -97,7 +111,7 @@ def sample_from_logits(logits: torch.Tensor, u: torch.Tensor, params: SamplingPa
     if params.is_greedy:
         return logits.argmax(-1)
     v = logits.shape[-1]
-    scaled = logits / params.temperature                                               # (B, V)
+    scaled = logits if params.temperature == 1.0 else logits / params.temperature     # (B, V); x / 1 == x
     if 0 < params.top_k < v:
         kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]                  # (B, 1)
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -156,6 +170,7 @@ class Sampler:
         self.prefill_tokens = prefill_tokens
         self.cache: KVCache | None = None
         self.graphs: dict = {}
+        self._step_tables: dict = {}
         # cumulative: tokens sampled by decode steps (first tokens come from prefill), prompt tokens prefilled
         self.stats = {"tokens": 0, "prefill_tokens": 0, "steps": 0, "seconds": 0.0}
 
@@ -167,9 +182,9 @@ class Sampler:
         B, dev = self.batch_size, self.device
         z = lambda: torch.zeros(B, dtype=torch.long, device=dev)  # noqa: E731
         if not hasattr(self, "tok"):
-            self.tok, self.pos, self.step, self.key, self.active = z(), z(), z(), z(), z()
+            self.tok, self.pos, self.step, self.key, self.active, self.khash = z(), z(), z(), z(), z(), z()
             self.all_slots = torch.arange(B, device=dev)
-        for t in (self.tok, self.pos, self.step, self.key, self.active):
+        for t in (self.tok, self.pos, self.step, self.key, self.active, self.khash):
             t.zero_()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, keys: list[int] | None = None,
@@ -200,6 +215,12 @@ class Sampler:
                                  f"new token must fit (truncate prompts first)")
         max_len = min(ctx, max(len(p) for p in prompts) + params.max_new_tokens)
         self._alloc(max_len)
+        # step_hash(step) for every step a slot can reach (1..max_new_tokens; the static path clamps
+        # inactive slots into range). Kept per max_new_tokens: a captured CUDA graph reads this tensor.
+        n_steps = params.max_new_tokens + 2
+        if n_steps not in self._step_tables:
+            self._step_tables[n_steps] = step_hash(torch.arange(n_steps, device=self.device))
+        self.step_hashes = self._step_tables[n_steps]
         if self.use_graphs and params not in self.graphs:
             self.graphs[params] = self._capture(params)
         # CPU: prepacked fp32 weights for the whole run (packed now, dropped at the end: never stale)
@@ -338,6 +359,7 @@ class Sampler:
             self.pos[slots_t] = torch.tensor(lens, device=self.device)
             self.step[slots_t] = 1
             self.key[slots_t] = key_t
+            self.khash[slots_t] = key_hash(params.seed, key_t)
             self.active[slots_t] = 1
             self.stats["prefill_tokens"] += n
             for s, i in take:
@@ -354,16 +376,33 @@ class Sampler:
     def _decode(self, slots_t: torch.Tensor, kv_len: int, params: SamplingParams):
         """One decode step for `slots_t`: feed each slot's pending token, sample the next, advance state."""
         L = self.cache.max_len
-        pos = self.pos[slots_t].clamp(max=L - 1)           # inactive slots (graph path) must stay in bounds
-        h = self.model(self.tok[slots_t], pos, cache=CacheArgs(self.cache, slots_t, decode=True, kv_len=kv_len,
-                                                               all_slots=slots_t is self.all_slots))
+        full = slots_t is self.all_slots
+        if self.static_decode:
+            pos = self.pos[slots_t].clamp(max=L - 1)       # inactive slots (graph path) must stay in bounds
+            step = self.step[slots_t].clamp(max=self.step_hashes.numel() - 1)
+        elif full:
+            pos, step = self.pos, self.step                # every slot active: views, no gathers
+        else:
+            pos, step = self.pos[slots_t], self.step[slots_t]
+        tok, kh = (self.tok, self.khash) if full else (self.tok[slots_t], self.khash[slots_t])
+        h = self.model(tok, pos, cache=CacheArgs(self.cache, slots_t, decode=True, kv_len=kv_len, all_slots=full))
         logits = self.model.logits(h).float()                                                  # (B, V)
-        toks = sample_from_logits(logits, uniforms(params.seed, self.key[slots_t], self.step[slots_t]), params)
+        u = None if params.is_greedy else uniforms_from_hashes(kh, self.step_hashes[step])
+        toks = sample_from_logits(logits, u, params)
         lp = token_logprobs(logits, toks) if params.return_logprobs else None
-        act = self.active[slots_t]
-        self.tok.index_copy_(0, slots_t, toks)
-        self.pos.index_add_(0, slots_t, act)
-        self.step.index_add_(0, slots_t, act)
+        if self.static_decode:
+            act = self.active[slots_t]
+            self.tok.index_copy_(0, slots_t, toks)
+            self.pos.index_add_(0, slots_t, act)
+            self.step.index_add_(0, slots_t, act)
+        elif full:                                          # dynamic decode runs active slots only
+            self.tok.copy_(toks)
+            self.pos.add_(1)
+            self.step.add_(1)
+        else:
+            self.tok.index_copy_(0, slots_t, toks)
+            self.pos.index_add_(0, slots_t, torch.ones_like(slots_t))
+            self.step.index_add_(0, slots_t, torch.ones_like(slots_t))
         return toks, lp
 
     def _capture(self, params: SamplingParams):

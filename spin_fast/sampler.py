@@ -146,12 +146,17 @@ class Sampler:
     model: a Transformer in eval mode. batch_size: number of cache slots. eos_token_ids: tokens that end
     a sequence (default: the model config's). tokenizer: optional, for `text` and stop strings.
     cuda_graphs: capture the decode step on CUDA ("auto" = on CUDA). prefill_tokens: token budget of one
-    packed prefill (the SDPA path builds an N x N block mask, so keep it moderate). static_decode: decode
-    every slot over the whole cache each step, as the CUDA graph does, but eagerly (for tests).
+    packed prefill. static_decode: decode every slot over the whole cache each step, as the CUDA graph
+    does, but eagerly (for tests). cpu_threads: torch intra-op threads while generating on CPU (restored
+    afterwards); "auto" = 1 for tiny models (< TINY_MODEL_PARAMS parameters: their decode ops are a few
+    microseconds each, and a parallel region's fork/join costs more than it saves), else unchanged.
     """
 
+    TINY_MODEL_PARAMS = 2_000_000
+
     def __init__(self, model: Transformer, batch_size: int = 64, eos_token_ids=None, tokenizer=None,
-                 cuda_graphs: str | bool = "auto", prefill_tokens: int = 2048, static_decode: bool = False):
+                 cuda_graphs: str | bool = "auto", prefill_tokens: int = 2048, static_decode: bool = False,
+                 cpu_threads: int | str | None = "auto"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -168,6 +173,12 @@ class Sampler:
         # the graph path's static-shape decode, also selectable eagerly (how CPU tests cover its logic)
         self.static_decode = self.use_graphs or static_decode
         self.prefill_tokens = prefill_tokens
+        if cpu_threads == "auto":
+            tiny = sum(p.numel() for p in model.parameters()) < self.TINY_MODEL_PARAMS
+            cpu_threads = 1 if tiny and self.device.type == "cpu" else None
+        elif cpu_threads is not None and (not isinstance(cpu_threads, int) or cpu_threads < 1):
+            raise ValueError(f"cpu_threads must be 'auto', None or an int >= 1, got {cpu_threads!r}")
+        self.cpu_threads = cpu_threads if self.device.type == "cpu" else None
         self.cache: KVCache | None = None
         self.graphs: dict = {}
         self._step_tables: dict = {}
@@ -224,8 +235,15 @@ class Sampler:
         if self.use_graphs and params not in self.graphs:
             self.graphs[params] = self._capture(params)
         # CPU: prepacked fp32 weights for the whole run (packed now, dropped at the end: never stale)
-        with self.model.cpu_prepacked(self.batch_size):
-            yield from self._loop(prompts, params, keys, progress)
+        prev = torch.get_num_threads()
+        try:
+            if self.cpu_threads is not None:
+                torch.set_num_threads(self.cpu_threads)
+            with self.model.cpu_prepacked(self.batch_size):
+                yield from self._loop(prompts, params, keys, progress)
+        finally:
+            if self.cpu_threads is not None:
+                torch.set_num_threads(prev)
 
     def _loop(self, prompts, params, keys, progress):
         L = self.cache.max_len
@@ -395,7 +413,7 @@ class Sampler:
             self.tok.index_copy_(0, slots_t, toks)
             self.pos.index_add_(0, slots_t, act)
             self.step.index_add_(0, slots_t, act)
-        elif full:                                          # dynamic decode runs active slots only
+        elif full:                                          # dynamic decode: every slot active
             self.tok.copy_(toks)
             self.pos.add_(1)
             self.step.add_(1)

@@ -286,3 +286,19 @@ def test_chat_template_from_tokenizer():
     assert "<|user|>" in text and text.rstrip().endswith("<|assistant|>")
     full, n = render_prompt_response(tok, [{"role": "user", "content": "What is 2+2?"}], "4")
     assert full[:n] == ids and "<|end|>" in tok.decode(full[n:])
+
+
+def test_cpu_threads_restored_and_output_unchanged(tiny):
+    """cpu_threads only changes torch's intra-op threads while generating: same tokens, restored after."""
+    _, ours = tiny
+    prompts = rand_prompts(5, 64, seed=4)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=1)
+    before = torch.get_num_threads()
+    auto = Sampler(ours, batch_size=2)                      # tiny model: "auto" picks 1 thread
+    assert auto.cpu_threads == 1
+    a = auto.generate(prompts, params)
+    assert torch.get_num_threads() == before
+    b = Sampler(ours, batch_size=2, cpu_threads=None).generate(prompts, params)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    with pytest.raises(ValueError, match="cpu_threads"):
+        Sampler(ours, cpu_threads=0)

@@ -83,3 +83,25 @@ def on_impl_device(impl, fn):
         out = fn(*map(mv, args), **{k: mv(v) for k, v in kwargs.items()})
         return out
     return moved
+
+
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+class ByteTokenizer:
+    """A dependency-free tokenizer for data/refcache tests: UTF-8 bytes as ids (vocab 256), Jinja chat templates."""
+    name_or_path = "byte-tokenizer"
+    chat_template = PLAIN_TEMPLATE
+    vocab_size = 256
+
+    def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=False):
+        import jinja2
+        return jinja2.Template(chat_template or self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def get_vocab(self):
+        return {f"<{i}>": i for i in range(256)}

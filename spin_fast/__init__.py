@@ -4,10 +4,11 @@ Subpackage `spin_fast.kernels`: fused log-prob + SPIN loss kernels (Triton and c
 Modules, from the bottom up:
   loss.py       the reference SPIN loss and log-probs (the oracle of every test)
   chat.py       chat-template rendering, shared by sampler and trainer
-  data.py       reading and validating SFT / prompt rows (file:row errors)
+  data.py       reading and validating SFT / prompt rows and training pairs (file:row errors)
   packing.py    pair-preserving token-budget packing and collation (C++ in csrc/, Python reference)
   model.py      the Llama-family decoder (+ attention.py, hf_io.py for HF folders in and out)
   sampler.py    KV-cached, continuously batched generation with per-prompt seeding
   generate.py   `python -m spin_fast.generate`, the sampler as a tool
+  refcache.py   the opponent's per-pair reference log-probs, fingerprinted safetensors
 """
 __version__ = "0.1.0"

@@ -9,8 +9,8 @@ fingerprints of the opponent's weights, the tokenizer and the pair data, the tru
 version and a sha256 of the values (so a flipped byte in the payload is caught, not just a truncated file).
 Written atomically (temp file in the same folder, fsync, rename); read with safetensors.safe_open (memory-mapped).
 
-Distributed (torch.distributed initialised): rank r computes the micro-batches plan[r] of the same plan the
-trainer uses, into zero-filled (P,) buffers; one all_reduce(SUM) then gives every rank every pair (each pair is
+Distributed (torch.distributed initialised): the trainer's packer makes the micro-batches, which are dealt
+heaviest first to the least-loaded rank; each rank computes its own into zero-filled (P,) buffers; one all_reduce(SUM) then gives every rank every pair (each pair is
 computed by exactly one rank). Rank 0 alone reads and writes the ONE cache file and broadcasts its decision and,
 on reuse, the values: no shared file system is assumed.
 """
@@ -124,32 +124,58 @@ def _model_device_dtype(model):
     return w.device, w.dtype
 
 
+def _rank_micro_batches(counts, token_budget: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches: the trainer's packer (one rank), then heaviest first to the lightest rank.
+
+    Not plan_micro_batches(world_size=world): that gives every rank the same number of micro-batches (the trainer
+    steps in lockstep) and so needs >= world pairs and splits bins; here ranks only meet at the final all_reduce,
+    so a rank may get fewer micro-batches, or none.
+    """
+    bins = plan_micro_batches(counts, token_budget, 1)[0]                  # heaviest first
+    if world == 1:
+        return bins
+    totals = [0] * world
+    mine = []
+    for b in bins:
+        r = min(range(world), key=lambda i: (totals[i], i))
+        totals[r] += int(counts[b].sum())
+        if r == rank:
+            mine.append(b)
+    return mine
+
+
 @torch.no_grad()
 def compute_ref_logps(model, pairs, *, token_budget: int | None = None, impl: str = "auto",
                       memory_budget_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen (P,), rejected (P,)) float32 summed response log-probs under `model`, on the model's device.
 
     token_budget: tokens per packed micro-batch (default: room for the longest pair, at least 8192). Distributed:
-    each rank computes plan[rank], then one all_reduce makes the result whole everywhere.
+    each rank computes its share of the micro-batches (maybe none), then one all_reduce makes the result whole
+    everywhere.
     """
     rank, world = _dist()
     device, _ = _model_device_dtype(model)
+    vocab = model.lm_head_weight.shape[0]
+    if pairs.tokens.size and (int(pairs.tokens.min()) < 0 or int(pairs.tokens.max()) >= vocab):
+        # checked once here on the host, so the kernels can skip their per-batch range checks (device syncs)
+        raise ValueError(f"pair tokens span [{int(pairs.tokens.min())}, {int(pairs.tokens.max())}] but the model's "
+                         f"vocabulary has {vocab} entries: a tokenizer of another model?")
     counts = pair_token_counts(pairs.seq_offsets)                                  # (P, 2)
     if token_budget is None:
         token_budget = max(8192, int(counts.sum(1).max()))
-    plan = plan_micro_batches(counts, token_budget, world)
+    mine = _rank_micro_batches(counts, token_budget, rank, world)
     num_pairs = counts.shape[0]
     chosen = torch.zeros(num_pairs, dtype=torch.float32, device=device)          # (P,)
     rejected = torch.zeros(num_pairs, dtype=torch.float32, device=device)        # (P,)
     was_training = model.training
     model.eval()
     try:
-        for mb in plan[rank]:
+        for mb in mine:
             host = collate(mb, pairs.tokens, pairs.seq_offsets, pairs.prompt_lens)
             max_seqlen = int(np.diff(host["cu_seqlens"]).max())                  # on the host: no device sync
             b = to_torch(host, device)
             hidden = model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen)   # (N, H)
-            # targets were range-checked by collate's construction (token ids come from the tokenizer): no sync
+            # targets are token ids, range-checked above: no per-batch device sync
             tok = linear_logprobs(hidden, model.lm_head_weight, b["targets"], impl=impl,
                                   memory_budget_bytes=memory_budget_bytes, check_values=False)          # (N,)
             nseq = host["cu_seqlens"].size - 1

@@ -182,3 +182,29 @@ def test_stories_ultrachat_rows(shared_data, tmp_path):
     assert ps.num_pairs + len(bad) == 20 and ps.num_pairs >= 15
     assert (np.diff(ps.seq_offsets) <= 256).all() and (ps.prompt_lens <= 128).all()
     assert (np.diff(ps.seq_offsets) > ps.prompt_lens).all()               # every sequence keeps a response
+
+
+def test_template_error_names_row_and_missing_template_is_not_a_row_error(tmp_path):
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system turns') }}"
+              "{% endif %}{{ m['content'] }}\n{% endfor %}")
+    f = write_jsonl(tmp_path / "d.jsonl", [good_spin_row(), {"real": CONV, "generated": CONV}])
+
+    class Strict(ByteTokenizer):
+        def apply_chat_template(self, messages, chat_template=None, tokenize=False, add_generation_prompt=False):
+            import jinja2
+
+            def raise_exception(msg):
+                raise jinja2.TemplateError(msg)
+            env = jinja2.Environment()
+            env.globals["raise_exception"] = raise_exception
+            return env.from_string(chat_template).render(messages=messages)
+
+    with pytest.raises(ValueError, match=f"{f}:2: chat template failed.*no system turns"):
+        load_pairs(f, Strict(), chat_template=strict)
+    ps, bad = load_pairs(f, Strict(), chat_template=strict, skip_bad_rows=True)
+    assert ps.num_pairs == 1 and len(bad) == 1
+
+    class Bare(ByteTokenizer):
+        chat_template = None
+    with pytest.raises(ValueError, match="has no chat template"):             # raised even with skip_bad_rows
+        load_pairs(f, Bare(), skip_bad_rows=True)

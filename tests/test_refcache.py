@@ -176,3 +176,58 @@ def test_stories260k_real_rows(shared_data, tmp_path):
     again = refcache.get_or_build(path, model, pairs, tok, weights_fingerprint=fp)
     assert again.status == "reused" and again.metadata["weights_fingerprint"] == fp
     assert refcache.get_or_build(path, model, pairs, tok).reason.startswith("weights fingerprint differs")
+
+
+def test_vocab_mismatch_is_refused(tmp_path):
+    model = tiny_model()
+    pairs = make_pairs(tmp_path, spin_rows(2))
+    pairs.tokens[3] = 300                                                   # beyond the tiny model's 256
+    with pytest.raises(ValueError, match="vocabulary has 256"):
+        refcache.compute_ref_logps(model, pairs)
+
+
+WORKER = r'''
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_refcache import TOK, tiny_model
+from spin_fast import refcache
+from spin_fast.data import load_pairs
+torch.distributed.init_process_group("gloo")
+pairs = load_pairs({data!r}, TOK, max_length=64, max_prompt_length=32)[0]
+model = tiny_model()
+out = []
+for _ in range(2):
+    r = refcache.get_or_build({path!r}, model, pairs, TOK, token_budget={budget})
+    out.append([r.status, r.chosen.tolist(), r.rejected.tolist()])
+open({path!r} + f".rank{{torch.distributed.get_rank()}}.json", "w").write(json.dumps(out))  # stdout interleaves
+torch.distributed.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [160, 100_000])       # several micro-batches; one (rank 1 computes nothing)
+def test_two_ranks_equal_one_process(tmp_path, budget):
+    """torchrun, 2 CPU ranks (gloo): each rank computes its micro-batches; both end with every pair, one file."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    rows = spin_rows(7)
+    pairs = make_pairs(tmp_path, rows, max_length=64, max_prompt_length=32)
+    one_c, one_r = refcache.compute_ref_logps(tiny_model(), pairs, token_budget=160)
+    path = tmp_path / "two" / "ref.safetensors"
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent), data=str(tmp_path / "d.jsonl"),
+                                    path=str(path), budget=budget))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = {rank: json.loads(Path(f"{path}.rank{rank}.json").read_text()) for rank in (0, 1)}
+    for rank, ((s1, c1, r1), (s2, c2, r2)) in results.items():
+        assert (s1, s2) == ("built", "reused"), rank
+        for got in (c1, c2):
+            torch.testing.assert_close(torch.tensor(got), one_c, atol=1e-5, rtol=1e-6)
+        for got in (r1, r2):
+            torch.testing.assert_close(torch.tensor(got), one_r, atol=1e-5, rtol=1e-6)
+    assert path.is_file() and not list(path.parent.glob(".*tmp*"))

@@ -342,7 +342,7 @@ class Sampler:
         tail = self.tokenizer.decode(ids[-(max(len(s) for s in stops) + 8):], skip_special_tokens=True)
         return any(s in tail for s in stops)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _refill(self, queue, prompts, keys, params, slot_prompt, slot_pos, accept):
         """Prefill the next queued prompts into the free slots (packed, within the token budget) and
         sample their first tokens. Returns the generations that finished on that first token."""
@@ -390,7 +390,7 @@ class Sampler:
             self.active[torch.tensor(free_t, device=self.device)] = 0
         return done
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _decode(self, slots_t: torch.Tensor, kv_len: int, params: SamplingParams):
         """One decode step for `slots_t`: feed each slot's pending token, sample the next, advance state."""
         L = self.cache.max_len

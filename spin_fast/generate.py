@@ -210,3 +210,11 @@ if __name__ == "__main__":
     except ValueError as e:  # bad input: the message names the file/row/tensor; no traceback needed
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is written and the process group is destroyed. Skip interpreter finalisation: with a
+        # `tokenizers` tokenizer loaded, gloo's teardown at exit aborts ("terminate called without an active
+        # exception", SIGABRT) in about 1 run of 8 (torch 2.13, reproduced with a 10-line script), which would
+        # turn a finished run into a failed one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

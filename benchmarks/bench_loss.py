@@ -235,7 +235,9 @@ def main(argv=None):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     add_ratios(rows)
-    path = write_results("bench_loss", rows, extra)
+    # A custom shape is a quick look, not the table: keep it out of the dated file of record.
+    name = "bench_loss" if not args.shape else f"bench_loss-custom-{args.shape}"
+    path = write_results(name, rows, extra)
     cols = ["op", "impl", "N", "H", "V", "dtype", "time_s", "extra_mib", "tflops", "time_vs_naive", "mem_vs_naive"]
     if args.device == "cuda":
         cols.append("frac_of_matmul_rate")

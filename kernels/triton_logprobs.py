@@ -241,6 +241,34 @@ def _dlogits_tile(z, offs_v, mask_v, tgt, lse, g):
 
 
 @triton.jit
+def _accumulate_rows(
+    out_ptr, out_rows, out_mask,     # (R,) int64 rows of the fp32 (., H) output this program owns, and validity
+    stride_out,
+    lhs,                             # (R, K) the gradient tile (dz or dz^T), already in the dot's operand dtype
+    src_ptr, src_rows, src_mask,     # (K,) rows of the (., H) input the tile multiplies (weight or hidden)
+    stride_src, H,
+    BLOCK_H: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """out[out_rows, :] += lhs @ src[src_rows, :], H in BLOCK_H steps, fp32 read-modify-write.
+
+    Only the calling program touches these output rows, so the read-modify-write needs no atomics.
+    """
+    offs_h = tl.arange(0, BLOCK_H)
+    for h0 in range(0, H, BLOCK_H):
+        cur_h = h0 + offs_h                                                        # (BLOCK_H,)
+        mask_h = cur_h < H
+        src = tl.load(src_ptr + src_rows[:, None] * stride_src + cur_h[None, :],
+                      mask=src_mask[:, None] & mask_h[None, :], other=0.0)         # (K, BLOCK_H)
+        if UPCAST:
+            src = src.to(tl.float32)
+        d_ptrs = out_ptr + out_rows[:, None] * stride_out + cur_h[None, :]
+        d_mask = out_mask[:, None] & mask_h[None, :]
+        acc = tl.load(d_ptrs, mask=d_mask, other=0.0)                              # (R, BLOCK_H) fp32
+        acc = tl.dot(lhs, src, acc, input_precision=INPUT_PRECISION)
+        tl.store(d_ptrs, acc, mask=d_mask)
+
+
+@triton.jit
 def _logprobs_bwd_dhidden_kernel(
     hidden_ptr, weight_ptr, targets_ptr, lse_ptr, grad_ptr,
     dhidden_ptr,                                     # (N, H) fp32 accumulation buffer, zero-initialised
@@ -255,7 +283,6 @@ def _logprobs_bwd_dhidden_kernel(
     lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)                        # (BLOCK_N,) fp32
     g = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0)                         # (BLOCK_N,) fp32
     g = tl.where(tgt == ignore_index, 0.0, g)                                      # ignored rows: zero gradient
-    offs_h = tl.arange(0, BLOCK_H)
 
     # A tile with no gradient at all (a run of prompt tokens) keeps its zero-initialised rows: skip ~4NHV/N_tiles.
     if tl.max(tl.abs(g), axis=0) > 0.0:
@@ -267,19 +294,9 @@ def _logprobs_bwd_dhidden_kernel(
             dz = _dlogits_tile(z, offs_v, mask_v, tgt, lse, g)                     # (BLOCK_N, BLOCK_V) fp32
             if not UPCAST:
                 dz = dz.to(weight_ptr.dtype.element_ty)    # bf16/fp16 tensor cores for the gradient matmul
-            for h0 in range(0, H, BLOCK_H):
-                cur_h = h0 + offs_h                                                # (BLOCK_H,)
-                mask_h = cur_h < H
-                w = tl.load(weight_ptr + offs_v[:, None] * stride_wv + cur_h[None, :],
-                            mask=mask_v[:, None] & mask_h[None, :], other=0.0)     # (BLOCK_V, BLOCK_H)
-                if UPCAST:
-                    w = w.to(tl.float32)
-                d_ptrs = dhidden_ptr + offs_n[:, None] * stride_dn + cur_h[None, :]
-                d_mask = mask_n[:, None] & mask_h[None, :]
-                # Only this program touches these rows, so a plain read-modify-write is race-free.
-                acc = tl.load(d_ptrs, mask=d_mask, other=0.0)                      # (BLOCK_N, BLOCK_H) fp32
-                acc = tl.dot(dz, w, acc, input_precision=INPUT_PRECISION)
-                tl.store(d_ptrs, acc, mask=d_mask)
+            # dhidden[n_tile, :] += dz @ weight[v_tile, :]
+            _accumulate_rows(dhidden_ptr, offs_n, mask_n, stride_dn, dz, weight_ptr, offs_v, mask_v, stride_wv, H,
+                             BLOCK_H, UPCAST, INPUT_PRECISION)
 
 
 @triton.jit
@@ -293,7 +310,6 @@ def _logprobs_bwd_dweight_kernel(
     pid_v = tl.program_id(0)
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)   # (BLOCK_V,)
     mask_v = offs_v < V
-    offs_h = tl.arange(0, BLOCK_H)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)                           # (BLOCK_N,)
         mask_n = offs_n < N
@@ -307,19 +323,9 @@ def _logprobs_bwd_dweight_kernel(
             dz = _dlogits_tile(z, offs_v, mask_v, tgt, lse, g)                     # (BLOCK_N, BLOCK_V) fp32
             if not UPCAST:
                 dz = dz.to(hidden_ptr.dtype.element_ty)
-            dzt = tl.trans(dz)                                                     # (BLOCK_V, BLOCK_N)
-            for h0 in range(0, H, BLOCK_H):
-                cur_h = h0 + offs_h                                                # (BLOCK_H,)
-                mask_h = cur_h < H
-                x = tl.load(hidden_ptr + offs_n[:, None] * stride_hn + cur_h[None, :],
-                            mask=mask_n[:, None] & mask_h[None, :], other=0.0)     # (BLOCK_N, BLOCK_H)
-                if UPCAST:
-                    x = x.to(tl.float32)
-                d_ptrs = dweight_ptr + offs_v[:, None] * stride_dv + cur_h[None, :]
-                d_mask = mask_v[:, None] & mask_h[None, :]
-                acc = tl.load(d_ptrs, mask=d_mask, other=0.0)                      # (BLOCK_V, BLOCK_H) fp32
-                acc = tl.dot(dzt, x, acc, input_precision=INPUT_PRECISION)
-                tl.store(d_ptrs, acc, mask=d_mask)
+            # dweight[v_tile, :] += dz^T @ hidden[n_tile, :]
+            _accumulate_rows(dweight_ptr, offs_v, mask_v, stride_dv, tl.trans(dz), hidden_ptr, offs_n, mask_n,
+                             stride_hn, H, BLOCK_H, UPCAST, INPUT_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------------------------

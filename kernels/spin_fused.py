@@ -46,8 +46,8 @@ def _forward_only_logps(impl, hidden, weight, targets, ignore_index, memory_budg
 
 
 def _triton_two_pass(hidden, weight, targets, seq_index, chosen_index, rejected_index, ref_chosen, ref_rejected,
-                     num_sequences, beta, loss_type, grad_scale, ignore_index, need_hidden_grad, need_weight_grad,
-                     triton_config):
+                     num_sequences, *, beta, loss_type, grad_scale, ignore_index, need_hidden_grad, need_weight_grad,
+                     triton_config=None):
     """Pass 1: Triton forward -> sequence sums. Pass 2: Triton backward with g_n = +-l'(m_p) * grad_scale."""
     from .triton_logprobs import triton_logprobs_backward, triton_logprobs_forward
 
@@ -82,8 +82,7 @@ class FusedSpinLoss(torch.autograd.Function):
         if opts["impl"] == "triton":
             seq_logps, dhidden, dweight = _triton_two_pass(
                 hidden, weight, targets, seq_index, chosen_index, rejected_index, ref_chosen, ref_rejected,
-                opts["num_sequences"], common["beta"], common["loss_type"], grad_scale, common["ignore_index"],
-                need_hidden_grad, need_weight_grad, opts["triton_config"])
+                opts["num_sequences"], triton_config=opts["triton_config"], **common)
         else:
             seq_logps, dhidden, dweight = chunked_spin_fused(
                 hidden, weight, targets, seq_index, chosen_index, rejected_index, ref_chosen, ref_rejected,

@@ -269,6 +269,16 @@ def _accumulate_rows(
 
 
 @triton.jit
+def _load_token_rows(targets_ptr, lse_ptr, grad_ptr, offs_n, mask_n, ignore_index):
+    """Per-token target (-1 on padding rows), lse and upstream gradient (0 on ignored and padding rows)."""
+    tgt = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)                     # (BLOCK_N,) int64
+    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)                        # (BLOCK_N,) fp32
+    g = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0)                         # (BLOCK_N,) fp32
+    g = tl.where(tgt == ignore_index, 0.0, g)
+    return tgt, lse, g
+
+
+@triton.jit
 def _logprobs_bwd_dhidden_kernel(
     hidden_ptr, weight_ptr, targets_ptr, lse_ptr, grad_ptr,
     dhidden_ptr,                                     # (N, H) fp32 accumulation buffer, zero-initialised
@@ -279,10 +289,7 @@ def _logprobs_bwd_dhidden_kernel(
     pid_n = tl.program_id(0)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)   # (BLOCK_N,)
     mask_n = offs_n < N
-    tgt = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)                     # (BLOCK_N,) int64
-    lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)                        # (BLOCK_N,) fp32
-    g = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0)                         # (BLOCK_N,) fp32
-    g = tl.where(tgt == ignore_index, 0.0, g)                                      # ignored rows: zero gradient
+    tgt, lse, g = _load_token_rows(targets_ptr, lse_ptr, grad_ptr, offs_n, mask_n, ignore_index)
 
     # A tile with no gradient at all (a run of prompt tokens) keeps its zero-initialised rows: skip ~4NHV/N_tiles.
     if tl.max(tl.abs(g), axis=0) > 0.0:
@@ -313,10 +320,7 @@ def _logprobs_bwd_dweight_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)                           # (BLOCK_N,)
         mask_n = offs_n < N
-        tgt = tl.load(targets_ptr + offs_n, mask=mask_n, other=-1)                 # (BLOCK_N,) int64
-        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)                    # (BLOCK_N,) fp32
-        g = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0)                     # (BLOCK_N,) fp32
-        g = tl.where(tgt == ignore_index, 0.0, g)
+        tgt, lse, g = _load_token_rows(targets_ptr, lse_ptr, grad_ptr, offs_n, mask_n, ignore_index)
         if tl.max(tl.abs(g), axis=0) > 0.0:          # an all-ignored N tile adds nothing to dweight
             z = _logits_tile(hidden_ptr, weight_ptr, offs_n, mask_n, offs_v, mask_v, H, stride_hn, stride_wv,
                              BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, INPUT_PRECISION)  # (BLOCK_N, BLOCK_V)

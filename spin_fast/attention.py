@@ -114,7 +114,7 @@ def _split_causal(q, k, v, cu: list[int]) -> torch.Tensor:
     """varlen causal attention as batched plain-causal SDPA calls, one per run of equal lengths."""
     n, h, d = q.shape
     kv = k.shape[1]
-    out = q.new_empty(q.shape)
+    outs = []
     i, s = 0, len(cu) - 1
     while i < s:
         ln, j = cu[i + 1] - cu[i], i + 1
@@ -125,9 +125,10 @@ def _split_causal(q, k, v, cu: list[int]) -> torch.Tensor:
         kt = k[a:b].reshape(r, ln, kv, d).transpose(1, 2)                              # (R, KV, T, D)
         vt = v[a:b].reshape(r, ln, kv, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=kv != h)  # (R, H, T, D)
-        out[a:b] = o.transpose(1, 2).reshape(b - a, h, d)
+        outs.append(o.transpose(1, 2).reshape(b - a, h, d))
         i = j
-    return out
+    # one cat rather than slice writes into a buffer: autograd then keeps no chain of CopySlices nodes
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

@@ -25,6 +25,7 @@ import torch
 from .chat import render_prompt
 from .data import load_prompts
 from .hf_io import load_model
+from .runtime import init_runtime, run_main, shutdown
 from .sampler import Sampler, SamplingParams, generate_sharded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,15 +96,8 @@ def main(argv=None):
     args = parse_args(argv)
     from transformers import AutoTokenizer
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        import torch.distributed as dist
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rt = init_runtime(args.device)
+    rank, world, device = rt.rank, rt.world, rt.device
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, greedy=args.greedy, seed=args.seed, stop_strings=tuple(args.stop),
@@ -198,23 +192,9 @@ def main(argv=None):
         for msg in bad[:10]:
             print(f"skipped: {msg}", file=sys.stderr)
         print(json.dumps(summary), file=sys.stderr)
-    if world > 1:
-        torch.distributed.barrier()  # no rank tears down gloo while another is still in a collective
-        torch.distributed.destroy_process_group()
+    shutdown(rt)
     return summary
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # bad input: the message names the file/row/tensor; no traceback needed
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Everything is written and the process group is destroyed. Skip interpreter finalisation: with a
-        # `tokenizers` tokenizer loaded, gloo's teardown at exit aborts ("terminate called without an active
-        # exception", SIGABRT) in about 1 run of 8 (torch 2.13, reproduced with a 10-line script), which would
-        # turn a finished run into a failed one.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    run_main(main)

@@ -199,18 +199,28 @@ def state_dict_hf(model: Transformer) -> dict[str, torch.Tensor]:
     return {_hf_name(n): p.detach() for n, p in model.named_parameters()}
 
 
-def save_model(model: Transformer, out_dir, tokenizer=None, source_dir=None, max_shard_bytes: int = 5 << 30):
+def save_model(model: Transformer, out_dir, tokenizer=None, source_dir=None, max_shard_bytes: int = 5 << 30,
+               state_dict: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None):
     """Write an HF folder: safetensors (+ index when sharded), config.json, tokenizer and generation files.
 
     Tokenizer files are copied from `source_dir` when given, else `tokenizer.save_pretrained` is used.
+    state_dict: the weights under our parameter names, when `model`'s own are not whole (an FSDP-sharded model
+    gathered with get_model_state_dict(full_state_dict=True)); dtype: cast the saved tensors to it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # an older save's shards would otherwise shadow / mix with these
-    tensors = state_dict_hf(model)                      # still on the model's device
-    dtype = next(iter(tensors.values())).dtype
-    nbytes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    if state_dict is None:
+        tensors = state_dict_hf(model)                  # still on the model's device
+    else:
+        names = {n for n, _ in model.named_parameters()}
+        if set(state_dict) != names:
+            raise ValueError(f"state_dict keys differ from the model's parameters: missing "
+                             f"{sorted(names - set(state_dict))[:4]}, unexpected {sorted(set(state_dict) - names)[:4]}")
+        tensors = {_hf_name(n): t.detach() for n, t in state_dict.items()}
+    dtype = dtype or next(iter(tensors.values())).dtype
+    nbytes = {k: t.numel() * dtype.itemsize for k, t in tensors.items()}
     shards, cur, size = [], [], 0                       # plan shards by size first ...
     for name in tensors:
         if cur and size + nbytes[name] > max_shard_bytes:
@@ -223,7 +233,8 @@ def save_model(model: Transformer, out_dir, tokenizer=None, source_dir=None, max
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for fname, shard in zip(names, shards):             # ... then copy to host one shard at a time
-        save_file({k: tensors[k].to("cpu").contiguous() for k in shard}, str(out / fname), metadata=meta)
+        host = {k: tensors[k].to(device="cpu", dtype=dtype).contiguous() for k in shard}
+        save_file(host, str(out / fname), metadata=meta)
     if len(shards) > 1:
         weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
         (out / "model.safetensors.index.json").write_text(

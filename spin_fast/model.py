@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import SplitBounds, check_backend, prepare_varlen, resolve_backend, varlen_attention
 
@@ -251,8 +252,17 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        # training: recompute this block in backward instead of keeping its activations (set by the trainer;
+        # a flag, not a wrapper module, so parameter names stay the HF ones)
+        self.checkpoint_activations = False
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, position_ids, cache, backend, prepared):
+        if self.checkpoint_activations and torch.is_grad_enabled() and cache is None:
+            return checkpoint(self._forward, x, cos, sin, cu_seqlens, max_seqlen, position_ids, cache, backend,
+                              prepared, use_reentrant=False)
+        return self._forward(x, cos, sin, cu_seqlens, max_seqlen, position_ids, cache, backend, prepared)
+
+    def _forward(self, x, cos, sin, cu_seqlens, max_seqlen, position_ids, cache, backend, prepared):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, self.layer, cu_seqlens, max_seqlen,
                                position_ids, cache, backend, prepared)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -328,8 +338,9 @@ class Transformer(nn.Module):
             cu_seqlens = torch.tensor([0, input_ids.numel()], dtype=torch.int32, device=input_ids.device)
         # the packed mask (sdpa) / block mask (flex), built once and shared by every layer
         backend = resolve_backend(self.attn_backend, input_ids.device)
-        if cache is not None and backend == "sdpa" and cu_seqlens.numel() > 2:
-            # cache prefill (inference): per-sequence causal SDPA instead of an O(N^2) block mask
+        if backend == "sdpa" and cu_seqlens.numel() > 2 and (cache is not None or cu_seqlens.device.type == "cpu"):
+            # cache prefill, and packed training on CPU (where reading cu_seqlens is no device sync): per-sequence
+            # causal SDPA, O(sum T_s^2) work, instead of one O(N^2) masked SDPA over the whole pack
             prepared = SplitBounds(cu_seqlens.tolist())
         else:
             prepared = prepare_varlen(cu_seqlens, input_ids.numel(), backend)

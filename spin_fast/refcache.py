@@ -124,13 +124,16 @@ def _model_device_dtype(model):
     return w.device, w.dtype
 
 
-def _rank_micro_batches(counts, token_budget: int, rank: int, world: int) -> list[list[int]]:
+def _rank_micro_batches(counts, token_budget: int, rank: int, world: int, lockstep: bool = False) -> list[list[int]]:
     """This rank's micro-batches: the trainer's packer (one rank), then heaviest first to the lightest rank.
 
-    Not plan_micro_batches(world_size=world): that gives every rank the same number of micro-batches (the trainer
-    steps in lockstep) and so needs >= world pairs and splits bins; here ranks only meet at the final all_reduce,
-    so a rank may get fewer micro-batches, or none.
+    Not plan_micro_batches(world_size=world) by default: that gives every rank the same number of micro-batches
+    and so needs >= world pairs and splits bins; a plain (replicated) model only meets the other ranks at the final
+    all_reduce, so a rank may get fewer micro-batches, or none. lockstep=True (an FSDP-sharded model, whose every
+    forward is a collective) takes the equal-count plan instead.
     """
+    if lockstep and world > 1:
+        return plan_micro_batches(counts, token_budget, world)[rank]
     bins = plan_micro_batches(counts, token_budget, 1)[0]                  # heaviest first
     if world == 1:
         return bins
@@ -146,12 +149,12 @@ def _rank_micro_batches(counts, token_budget: int, rank: int, world: int) -> lis
 
 @torch.no_grad()
 def compute_ref_logps(model, pairs, *, token_budget: int | None = None, impl: str = "auto",
-                      memory_budget_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      memory_budget_bytes: int | None = None, lockstep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen (P,), rejected (P,)) float32 summed response log-probs under `model`, on the model's device.
 
     token_budget: tokens per packed micro-batch (default: room for the longest pair, at least 8192). Distributed:
-    each rank computes its share of the micro-batches (maybe none), then one all_reduce makes the result whole
-    everywhere.
+    each rank computes its share of the micro-batches (maybe none; with lockstep=True, for a sharded model, the
+    same number on every rank), then one all_reduce makes the result whole everywhere.
     """
     rank, world = _dist()
     device, _ = _model_device_dtype(model)
@@ -163,7 +166,7 @@ def compute_ref_logps(model, pairs, *, token_budget: int | None = None, impl: st
     counts = pair_token_counts(pairs.seq_offsets)                                  # (P, 2)
     if token_budget is None:
         token_budget = max(8192, int(counts.sum(1).max()))
-    mine = _rank_micro_batches(counts, token_budget, rank, world)
+    mine = _rank_micro_batches(counts, token_budget, rank, world, lockstep)
     num_pairs = counts.shape[0]
     chosen = torch.zeros(num_pairs, dtype=torch.float32, device=device)          # (P,)
     rejected = torch.zeros(num_pairs, dtype=torch.float32, device=device)        # (P,)
@@ -193,8 +196,9 @@ def compute_ref_logps(model, pairs, *, token_budget: int | None = None, impl: st
 
 # --- the file -------------------------------------------------------------------------------------------------------
 
-def expected_metadata(model, pairs, tokenizer, weights_fingerprint: str | None = None) -> dict[str, str]:
-    _, dtype = _model_device_dtype(model)
+def expected_metadata(model, pairs, tokenizer, weights_fingerprint: str | None = None,
+                      compute_dtype: torch.dtype | None = None) -> dict[str, str]:
+    dtype = compute_dtype or _model_device_dtype(model)[1]
     return {
         "format": FORMAT,
         "code_version": CODE_VERSION,
@@ -269,14 +273,17 @@ def _difference(cached: dict, expected: dict) -> str | None:
 
 def get_or_build(path, model, pairs, tokenizer, *, weights_fingerprint: str | None = None,
                  token_budget: int | None = None, impl: str = "auto",
-                 memory_budget_bytes: int | None = None) -> RefLogps:
+                 memory_budget_bytes: int | None = None, lockstep: bool = False,
+                 compute_dtype: torch.dtype | None = None) -> RefLogps:
     """The cached reference log-probs for `pairs` under `model`, reused if every fingerprint matches, else
     (re)computed and written. weights_fingerprint: e.g. folder_fingerprint(opponent_dir); default: hash the model's
-    parameters. Status and reason are logged and returned. A corrupt file raises RefCacheError naming it."""
+    parameters. Status and reason are logged and returned. A corrupt file raises RefCacheError naming it.
+    lockstep: see compute_ref_logps (True for an FSDP-sharded model); compute_dtype: the dtype the forward really
+    runs in, when it is not the parameters' (FSDP mixed precision), recorded and matched as `dtype`."""
     path = Path(path)
     rank, world = _dist()
     device, _ = _model_device_dtype(model)
-    expected = expected_metadata(model, pairs, tokenizer, weights_fingerprint)
+    expected = expected_metadata(model, pairs, tokenizer, weights_fingerprint, compute_dtype)
     decision = None
     if rank == 0:
         if path.exists():
@@ -305,7 +312,7 @@ def get_or_build(path, model, pairs, tokenizer, *, weights_fingerprint: str | No
         chosen, rejected, meta = both[0].contiguous(), both[1].contiguous(), (meta if rank == 0 else expected)
     else:
         chosen, rejected = compute_ref_logps(model, pairs, token_budget=token_budget, impl=impl,
-                                             memory_budget_bytes=memory_budget_bytes)
+                                             memory_budget_bytes=memory_budget_bytes, lockstep=lockstep)
         meta = expected
         if rank == 0:
             save(path, chosen, rejected, expected)

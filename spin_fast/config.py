@@ -1,0 +1,312 @@
+"""The run configuration: one typed dataclass tree, loaded from YAML and overridden from the command line.
+
+    cfg = load_config("cfg.yaml", ["--train.lr=1e-6", "--data.max_length", "512", "--model", "DIR"])
+
+Every field carries its documentation in `metadata["help"]`; `python -m spin_fast.train --help-config` prints the
+reference (the README's config table is generated from it). Errors name the offending key: an unknown key (with the
+closest known one), a value of the wrong type, or a value out of range (`Config.validate`).
+
+Short flags of the training-only entry point map onto keys (see ALIASES): `--model DIR` is `--model.path DIR`,
+`--pairs FILE` is `--data.pairs FILE`, `--lr` is `--train.lr`, ...
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelCfg:
+    path: str | None = _f(None, "Hugging Face model folder of the starting model (the first opponent)")
+    dtype: str = _f("float32", "master weight dtype (float32 | bfloat16); the optimizer state has this dtype")
+    mixed_precision: str = _f("auto", "compute dtype of forward/backward: auto (bfloat16 on CUDA, float32 on CPU) | "
+                                      "bfloat16 | float32; gradients are reduced in float32")
+    attn_backend: str = _f("auto", "packed attention: auto | sdpa | flex | flash")
+    save_dtype: str = _f("auto", "dtype of saved HF folders: auto (the starting model's) | float32 | bfloat16")
+
+
+@dataclass
+class DataCfg:
+    pairs: list[str] = _f([], "training pairs: jsonl/json/parquet files or datasets folders in SPIN's real/generated "
+                              "schema or prompt/chosen/rejected (or ultrachat `messages` rows + data.generated)")
+    generated: list[str] = _f([], "spin_fast.generate output files holding the rejected responses of `messages` rows")
+    max_length: int = _f(1024, "max tokens of prompt + response (SPIN's max_length); longer responses are cut")
+    max_prompt_length: int = _f(512, "max prompt tokens; longer prompts keep their end (SPIN's max_prompt_length)")
+    chat_template: str | None = _f(None, "Jinja chat template for tokenizers without one")
+    skip_bad_rows: bool = _f(False, "skip and count invalid rows instead of stopping at the first")
+
+
+@dataclass
+class TrainCfg:
+    beta: float = _f(0.1, "SPIN/DPO inverse temperature beta (> 0)")
+    loss_type: str = _f("sigmoid", "sigmoid (SPIN's logistic loss) | hinge")
+    optimizer: str = _f("rmsprop", "rmsprop (the paper's) | adamw")
+    lr: float = _f(5e-7, "peak learning rate (> 0)")
+    weight_decay: float = _f(0.0, "decoupled (AdamW) / L2 (RMSprop) weight decay")
+    adam_betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    rmsprop_alpha: float = _f(0.99, "RMSprop smoothing constant")
+    eps: float = _f(1e-8, "optimizer epsilon")
+    lr_schedule: str = _f("linear", "linear | cosine | constant, after warmup (decays to 0 at the last step)")
+    warmup_ratio: float = _f(0.1, "fraction of the steps with linear warmup from 0, in [0, 1)")
+    epochs: int = _f(1, "passes over the pairs per iteration")
+    max_steps: int = _f(-1, "stop after this many optimizer steps (-1: all epochs)")
+    tokens_per_step: int = _f(65536, "global batch: prompt+chosen+rejected tokens per optimizer step over all ranks "
+                                     "(pairs are added in shuffled order until the next would exceed it)")
+    micro_batch_tokens: int = _f(16384, "tokens per packed micro-batch per rank (gradient accumulation fills the "
+                                        "step with micro-batches of at most this many)")
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0: no clipping, norm still logged)")
+    activation_checkpointing: bool = _f(False, "recompute each decoder block in backward (saves activations)")
+    compile: bool = _f(False, "torch.compile each decoder block")
+    impl: str = _f("auto", "loss kernel: auto (triton on CUDA, chunked torch on CPU) | triton | torch | reference")
+    logits_budget_mib: int = _f(64, "chunked kernel: MiB of fp32 logits live at once")
+    log_every: int = _f(10, "steps between metric flushes (the only host syncs of the loop; one JSONL row per step)")
+    tensorboard: bool = _f(False, "also write TensorBoard events to OUTPUT/tb (needs the tensorboard package)")
+    progress: bool = _f(True, "tqdm progress bar on rank 0")
+
+
+@dataclass
+class Config:
+    model: ModelCfg = field(default_factory=ModelCfg, metadata={"help": "the starting model"})
+    data: DataCfg = field(default_factory=DataCfg, metadata={"help": "the training pairs"})
+    train: TrainCfg = field(default_factory=TrainCfg, metadata={"help": "the training phase"})
+    output: str | None = _f(None, "output folder: HF model, metrics.jsonl, summary.json, reference cache")
+    seed: int = _f(0, "seed of the data order (and of sampling, in the loop)")
+    device: str = _f("auto", "auto (cuda:LOCAL_RANK when available, else cpu) | cpu | cuda")
+    ref_cache: str | None = _f(None, "reference log-prob cache file (default OUTPUT/ref_logps.safetensors)")
+
+    def validate(self) -> "Config":
+        """Range and choice checks; ValueError naming the key."""
+        t, d, m = self.train, self.data, self.model
+
+        def need(ok: bool, key: str, what: str, value):
+            if not ok:
+                raise ValueError(f"config {key}: {what}, got {value!r}")
+
+        choices = {"model.dtype": (m.dtype, ("float32", "bfloat16")),
+                   "model.mixed_precision": (m.mixed_precision, ("auto", "bfloat16", "float32")),
+                   "model.attn_backend": (m.attn_backend, ("auto", "sdpa", "flex", "flash")),
+                   "model.save_dtype": (m.save_dtype, ("auto", "float32", "bfloat16")),
+                   "train.loss_type": (t.loss_type, ("sigmoid", "hinge")),
+                   "train.optimizer": (t.optimizer, ("rmsprop", "adamw")),
+                   "train.lr_schedule": (t.lr_schedule, ("linear", "cosine", "constant")),
+                   "train.impl": (t.impl, ("auto", "triton", "torch", "reference")),
+                   "device": (self.device, ("auto", "cpu", "cuda"))}
+        for key, (v, allowed) in choices.items():
+            need(v in allowed, key, f"must be one of {allowed}", v)
+        need(t.beta > 0, "train.beta", "must be > 0", t.beta)
+        need(t.lr > 0, "train.lr", "must be > 0", t.lr)
+        need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
+        need(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas",
+             "must be two numbers in [0, 1)", t.adam_betas)
+        need(0 <= t.rmsprop_alpha < 1, "train.rmsprop_alpha", "must be in [0, 1)", t.rmsprop_alpha)
+        need(t.eps > 0, "train.eps", "must be > 0", t.eps)
+        need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)
+        need(t.epochs >= 1, "train.epochs", "must be >= 1", t.epochs)
+        need(t.max_steps == -1 or t.max_steps >= 1, "train.max_steps", "must be -1 or >= 1", t.max_steps)
+        need(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0", t.max_grad_norm)
+        need(t.log_every >= 1, "train.log_every", "must be >= 1", t.log_every)
+        need(t.logits_budget_mib >= 1, "train.logits_budget_mib", "must be >= 1", t.logits_budget_mib)
+        need(d.max_length >= 2, "data.max_length", "must be >= 2", d.max_length)
+        need(1 <= d.max_prompt_length < d.max_length, "data.max_prompt_length",
+             f"must be in [1, data.max_length={d.max_length})", d.max_prompt_length)
+        # a pair is prompt+chosen + prompt+rejected <= 2 * max_length tokens and is never split
+        need(t.micro_batch_tokens >= 2 * d.max_length, "train.micro_batch_tokens",
+             f"must hold the longest possible pair, 2 * data.max_length = {2 * d.max_length}", t.micro_batch_tokens)
+        need(t.tokens_per_step >= t.micro_batch_tokens, "train.tokens_per_step",
+             f"must be >= train.micro_batch_tokens = {t.micro_batch_tokens}", t.tokens_per_step)
+        if m.path is not None:
+            p = Path(m.path)
+            need(p.is_dir() and (p / "config.json").is_file(), "model.path",
+                 "must be a Hugging Face model folder (with config.json)", m.path)
+        return self
+
+
+# --- YAML + CLI ---------------------------------------------------------------------------------------------------
+
+ALIASES = {"model": "model.path", "pairs": "data.pairs", "generated": "data.generated", "beta": "train.beta",
+           "lr": "train.lr", "epochs": "train.epochs", "max_length": "data.max_length",
+           "max_prompt_length": "data.max_prompt_length", "tokens_per_step": "train.tokens_per_step",
+           "micro_batch_tokens": "train.micro_batch_tokens", "loss_type": "train.loss_type",
+           "optimizer": "train.optimizer", "max_steps": "train.max_steps", "chat_template": "data.chat_template"}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(key: str, tp, value, *, from_cli: bool):
+    """`value` as type `tp` (int, float, bool, str, X | None, list[X]); ValueError naming `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (from_cli and isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, inner, value, from_cli=from_cli)
+    if origin is list:
+        (inner,) = args
+        if from_cli and isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config {key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", inner, v, from_cli=from_cli) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"config {key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"config {key}: expected an integer, got {type(value).__name__} {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"config {key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"config {key}: expected a number, got {type(value).__name__} {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"config {key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, Path)) or isinstance(value, bool):
+            raise ValueError(f"config {key}: expected a string, got {type(value).__name__} {value!r}")
+        return str(value)
+    raise TypeError(f"config {key}: unsupported field type {tp}")
+
+
+def _unknown(key: str, known) -> ValueError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return ValueError(f"config: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                      + f"; known keys: {', '.join(sorted(known))}")
+
+
+def all_keys(cls=Config, prefix: str = "") -> dict[str, tuple]:
+    """Dotted key -> (type, default, help) for every leaf field."""
+    out = {}
+    hints = _hints(cls)
+    for name, f in _fields(cls).items():
+        tp = hints[name]
+        if _is_section(tp):
+            out.update(all_keys(tp, prefix + name + "."))
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            out[prefix + name] = (tp, default, f.metadata.get("help", ""))
+    return out
+
+
+def set_key(cfg: Config, key: str, value, *, from_cli: bool) -> None:
+    keys = all_keys()
+    if key not in keys:
+        raise _unknown(key, keys)
+    *path, leaf = key.split(".")
+    obj = cfg
+    for p in path:
+        obj = getattr(obj, p)
+    setattr(obj, leaf, _coerce(key, keys[key][0], value, from_cli=from_cli))
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        key = prefix + str(k)
+        if isinstance(v, dict) and _is_section(_hints_for(key)):
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def _hints_for(key: str):
+    cls, tp = Config, None
+    for part in key.split("."):
+        if not _is_section(cls) or part not in _fields(cls):
+            return None
+        tp = _hints(cls)[part]
+        cls = tp
+    return tp
+
+
+def from_yaml(path) -> Config:
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+    cfg = Config()
+    for key, value in _flatten(raw):
+        try:
+            set_key(cfg, key, value, from_cli=False)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    return cfg
+
+
+def apply_overrides(cfg: Config, argv: list[str]) -> Config:
+    """`--key=value` / `--key value` (dotted keys or ALIASES); `--flag` alone sets a boolean key to true."""
+    i = 0
+    keys = all_keys()
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"config: unexpected argument {arg!r} (overrides look like --train.lr=1e-6)")
+        name, eq, value = arg[2:].partition("=")
+        key = name.replace("-", "_")
+        key = ALIASES.get(key, key)
+        if key not in keys:
+            raise _unknown(name, set(keys) | set(ALIASES))
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if keys[key][0] is bool and (nxt is None or nxt.startswith("--")):
+                value = "true"
+            elif nxt is None:
+                raise ValueError(f"config {key}: --{name} needs a value")
+            else:
+                value = nxt
+                i += 1
+        set_key(cfg, key, value, from_cli=True)
+        i += 1
+    return cfg
+
+
+def load_config(path=None, overrides: list[str] | None = None) -> Config:
+    cfg = from_yaml(path) if path is not None else Config()
+    return apply_overrides(cfg, list(overrides or [])).validate()
+
+
+def reference_markdown() -> str:
+    """The config reference as a markdown table (README)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, (tp, default, help) in all_keys().items():
+        name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+        rows.append(f"| `{key}` | {str(tp).replace('typing.', '') if '|' in str(tp) or '[' in str(tp) else name} "
+                    f"| `{default!r}` | {help} |")
+    return "\n".join(rows)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

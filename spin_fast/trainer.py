@@ -1,0 +1,307 @@
+"""The SPIN training phase: FSDP2-sharded policy, packed micro-batches, the fused loss on cached reference log-probs.
+
+One optimizer step = a global batch of pairs (shuffled order, filled up to `tokens_per_step` prompt+chosen+rejected
+tokens), packed into micro-batches of <= `micro_batch_tokens` per rank, the same count on every rank
+(packing.plan_micro_batches). Each micro-batch: packed forward -> final hidden states -> kernels.spin_loss_from_hidden
+with the cached Σ log π_t(y|x), Σ log π_t(y'|x) and `normalizer` = the step's global pair count, so
+
+    loss_step = (1 / P_step) Σ_{pairs p of the step, all ranks, all micro-batches} l(β m_p)
+
+and the summed gradients (FSDP reduce-scatter with divide factor 1: a SUM over ranks) are exactly ∇ loss_step,
+whatever the number of ranks or micro-batches. The step plan depends only on (seed, epoch, tokens_per_step), not on
+the world size, so N ranks train the same steps as one process.
+
+No host syncs inside a step: batch shapes, S and P come from the host-side plan; metrics stay on the device and are
+read (one all_reduce + one copy) every `log_every` steps, when metrics.jsonl gets one row per step of the window.
+
+Sharding (torchtitan order): activation checkpointing -> torch.compile per block -> fully_shard per block, then the
+root (embedding, final norm, LM head), MixedPrecisionPolicy(bf16 params, fp32 reduce) on CUDA, fp32 on CPU.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .kernels import spin_loss_from_hidden
+from .packing import collate, pair_token_counts, plan_micro_batches, to_torch
+
+METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected")
+
+
+# --- the step plan --------------------------------------------------------------------------------------------------
+
+@dataclass
+class StepPlan:
+    pairs: np.ndarray                    # (P_step,) global pair ids of this optimizer step
+    micro_batches: list[list[list[int]]]  # [rank][micro-batch] -> global pair ids
+    tokens: int                          # prompt+chosen+rejected tokens of the step, all ranks
+    epoch: int
+
+
+def _group_steps(order: np.ndarray, pair_tokens: np.ndarray, tokens_per_step: int, min_pairs: int) -> list[list[int]]:
+    """Cut `order` into consecutive steps: add pairs while the step stays <= tokens_per_step; a step has at least
+    `min_pairs` pairs (one per rank); a too-small tail joins the previous step."""
+    steps, cur, cur_tokens = [], [], 0
+    for p in order.tolist():
+        t = int(pair_tokens[p])
+        if len(cur) >= min_pairs and cur_tokens + t > tokens_per_step:
+            steps.append(cur)
+            cur, cur_tokens = [], 0
+        cur.append(p)
+        cur_tokens += t
+    if cur:
+        if len(cur) < min_pairs and steps:
+            steps[-1].extend(cur)
+        else:
+            steps.append(cur)
+    return steps
+
+
+def plan_steps(seq_offsets, *, tokens_per_step: int, micro_batch_tokens: int, world_size: int, seed: int,
+               epochs: int, max_steps: int = -1) -> list[StepPlan]:
+    """Every optimizer step of the phase, epoch by epoch (a fresh permutation of the pairs per epoch, from
+    (seed, epoch) only). ValueError if there are fewer pairs than ranks or a pair exceeds micro_batch_tokens."""
+    counts = pair_token_counts(seq_offsets)                                   # (P, 2)
+    pair_tokens = counts.sum(1)                                               # (P,)
+    num_pairs = len(pair_tokens)
+    if num_pairs < world_size:
+        raise ValueError(f"{num_pairs} training pairs cannot be spread over {world_size} ranks (each rank needs one)")
+    longest = int(pair_tokens.max())
+    if longest > micro_batch_tokens:
+        p = int(pair_tokens.argmax())
+        raise ValueError(f"pair {p} has {longest} tokens, more than train.micro_batch_tokens={micro_batch_tokens}")
+    plans = []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
+        for step in _group_steps(order, pair_tokens, tokens_per_step, world_size):
+            ids = np.asarray(step, dtype=np.int64)
+            local = plan_micro_batches(pair_tokens[ids], micro_batch_tokens, world_size)
+            mbs = [[ids[mb].tolist() for mb in rank] for rank in local]
+            plans.append(StepPlan(ids, mbs, int(pair_tokens[ids].sum()), epoch))
+            if 0 < max_steps <= len(plans):
+                return plans
+    return plans
+
+
+# --- optimizer and schedule -----------------------------------------------------------------------------------------
+
+def build_optimizer(params, cfg) -> torch.optim.Optimizer:
+    """cfg: TrainCfg. foreach kernels (DTensor-aware under FSDP)."""
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, eps=cfg.eps,
+                               weight_decay=cfg.weight_decay, foreach=True)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based), as Hugging Face's schedulers (SPIN's):
+    linear warmup step / warmup, then linear decay (total - step) / (total - warmup) or half a cosine, to 0."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def build_scheduler(optimizer, cfg, total_steps: int):
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.lr_schedule))
+
+
+# --- sharding -------------------------------------------------------------------------------------------------------
+
+def compute_dtype_for(mixed_precision: str, device: torch.device, param_dtype: torch.dtype) -> torch.dtype:
+    if mixed_precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else param_dtype
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[mixed_precision]
+
+
+def prepare_model(model, cfg, *, distributed: bool, compute_dtype: torch.dtype):
+    """Activation checkpointing -> per-block compile -> FSDP2 per block and root (when distributed).
+    cfg: TrainCfg. Returns the model (same object)."""
+    for blk in model.layers:
+        blk.checkpoint_activations = cfg.activation_checkpointing
+    if cfg.compile:
+        for blk in model.layers:
+            blk.compile()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if distributed:
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+        param_dtype = next(model.parameters()).dtype
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype if compute_dtype != param_dtype else None,
+                                  reduce_dtype=torch.float32)
+        for blk in model.layers:
+            fully_shard(blk, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        # The loss is already normalised by the GLOBAL pair count: ranks' gradients must be summed, not averaged.
+        # Divide factor 1 with plain SUM collectives (gloo has no PREMUL_SUM; NCCL's SUM is its zero-copy path).
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)
+    elif compute_dtype != next(model.parameters()).dtype:
+        raise ValueError("mixed precision without FSDP is not supported: launch with torchrun (even for 1 process) "
+                         "or set model.mixed_precision=float32")
+    return model
+
+
+def gather_full_state_dict(model, distributed: bool) -> dict[str, torch.Tensor] | None:
+    """Whole weights on the CPU of rank 0 (None elsewhere); a collective under FSDP."""
+    if not distributed:
+        return {n: p.detach() for n, p in model.named_parameters()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if dist.get_rank() == 0 else None
+
+
+# --- metrics --------------------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl (one row per step, rank 0) and optional TensorBoard events."""
+
+    def __init__(self, path: Path | None, tensorboard_dir: Path | None = None):
+        self.file = open(path, "a") if path is not None else None
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") \
+                    from None
+            self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# --- the loop -------------------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Trains `model` (prepared by prepare_model) on `pairs` against cached reference log-probs (P,) each."""
+
+    def __init__(self, model, pairs, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, cfg, *, seed: int,
+                 device: torch.device, distributed: bool, metrics: MetricsLog | None = None):
+        self.model, self.pairs, self.cfg, self.device = model, pairs, cfg, device
+        self.distributed = distributed
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        self.ref_chosen = ref_chosen.to(device=device, dtype=torch.float32)       # (P,)
+        self.ref_rejected = ref_rejected.to(device=device, dtype=torch.float32)   # (P,)
+        vocab = model.lm_head_weight.shape[0]
+        if pairs.tokens.size and (int(pairs.tokens.min()) < 0 or int(pairs.tokens.max()) >= vocab):
+            # checked once on the host, so every kernel call can skip its value checks (device syncs)
+            raise ValueError(f"pair tokens span [{int(pairs.tokens.min())}, {int(pairs.tokens.max())}] but the "
+                             f"model's vocabulary has {vocab} entries: a tokenizer of another model?")
+        self.steps = plan_steps(pairs.seq_offsets, tokens_per_step=cfg.tokens_per_step,
+                                micro_batch_tokens=cfg.micro_batch_tokens, world_size=self.world, seed=seed,
+                                epochs=cfg.epochs, max_steps=cfg.max_steps)
+        self.optimizer = build_optimizer(model.parameters(), cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, len(self.steps))
+        self.metrics = metrics
+        self.max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+
+    def _micro_batch(self, pair_ids: list[int], normalizer: int) -> torch.Tensor:
+        """Forward + backward of one micro-batch; returns its (7,) metric contributions (sums over its pairs /
+        normalizer, so the step's rows add up to means over the step's pairs)."""
+        p = self.pairs
+        host = collate(pair_ids, p.tokens, p.seq_offsets, p.prompt_lens)
+        max_seqlen = int(np.diff(host["cu_seqlens"]).max())
+        num_seqs = host["cu_seqlens"].size - 1
+        b = to_torch(host, self.device)
+        hidden = self.model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen)  # (N, H)
+        loss, m = spin_loss_from_hidden(
+            hidden, self.model.lm_head_weight, b["targets"], b["seq_index"], b["chosen_index"], b["rejected_index"],
+            self.ref_chosen[b["pair_ids"]], self.ref_rejected[b["pair_ids"]], beta=self.cfg.beta,
+            loss_type=self.cfg.loss_type, normalizer=float(normalizer), impl=self.cfg.impl,
+            num_sequences=num_seqs, check_values=False, memory_budget_bytes=self.cfg.logits_budget_mib << 20)
+        loss.backward()
+        share = len(pair_ids) / normalizer
+        return torch.stack([loss.detach().float()] + [m[k] * share for k in METRIC_NAMES[1:]])      # (7,)
+
+    def _flush(self, window: list[dict], t_start: float, bar) -> None:
+        """The one host sync of a window: global metric sums, then one JSONL row per step."""
+        vecs = torch.stack([w.pop("vec") for w in window])                                   # (K, 7)
+        if self.distributed:
+            dist.all_reduce(vecs)
+        norms = torch.stack([w.pop("grad_norm") for w in window])                            # (K,)
+        values, norms = vecs.tolist(), norms.tolist()
+        tokens = sum(w["tokens"] for w in window)
+        rate = tokens / max(time.perf_counter() - t_start, 1e-9)
+        for w, v, g in zip(window, values, norms):
+            row = {"step": w["step"], "epoch": w["epoch"], **dict(zip(METRIC_NAMES, v)), "grad_norm": g,
+                   "lr": w["lr"], "pairs": w["pairs"], "tokens": w["tokens"], "tokens_per_s": rate,
+                   "elapsed_s": w["elapsed_s"]}
+            if self.rank == 0 and self.metrics is not None:
+                self.metrics.write(row)
+        if self.rank == 0 and self.metrics is not None:
+            self.metrics.flush()
+        if bar is not None:
+            bar.set_postfix(loss=f"{values[-1][0]:.4f}", margin=f"{values[-1][3]:.3g}", tok_s=f"{rate:.0f}")
+        self.last_row = row
+
+    def train(self) -> dict:
+        from tqdm import tqdm
+        cfg = self.cfg
+        self.model.train()
+        bar = tqdm(total=len(self.steps), desc="train", unit="step", dynamic_ncols=True,
+                   disable=self.rank != 0 or not cfg.progress)
+        t0 = time.perf_counter()
+        window, t_window = [], t0
+        tokens_done = 0
+        self.last_row = {}
+        for i, step in enumerate(self.steps):
+            normalizer = len(step.pairs)
+            vec = None
+            for mb in step.micro_batches[self.rank]:
+                v = self._micro_batch(mb, normalizer)
+                vec = v if vec is None else vec + v
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm, foreach=True)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            tokens_done += step.tokens
+            window.append({"step": i + 1, "epoch": step.epoch, "vec": vec, "grad_norm": grad_norm.float(),
+                           "lr": lr, "pairs": normalizer, "tokens": step.tokens,
+                           "elapsed_s": time.perf_counter() - t0})
+            bar.update(1)
+            if len(window) == cfg.log_every or i == len(self.steps) - 1:
+                self._flush(window, t_window, bar)
+                window, t_window = [], time.perf_counter()
+        bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall = time.perf_counter() - t0
+        return {"steps": len(self.steps), "tokens": tokens_done, "wall_s": wall,
+                "tokens_per_s": tokens_done / max(wall, 1e-9), "final": self.last_row}

@@ -187,6 +187,10 @@ def compute_ref_logps(model, pairs, *, token_budget: int | None = None, impl: st
             rejected[b["pair_ids"]] = seq[b["rejected_index"]]
     finally:
         model.train(was_training)
+        if hasattr(model, "reshard"):
+            # FSDP2 keeps the root's parameters unsharded after a forward (backward would reshard them); after
+            # no-grad forwards nothing does, and a later training step's root gradients were then lost
+            model.reshard()
     if world > 1:
         both = torch.stack([chosen, rejected])                                     # (2, P)
         torch.distributed.all_reduce(both)                                         # each pair is nonzero on one rank

@@ -103,6 +103,7 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
         "cache": {"status": ref.status, "reason": ref.reason, "path": str(cache_path), "tokens": total_tokens,
                   "wall_s": cache_s, "tokens_per_s": total_tokens / max(cache_s, 1e-9)},
         "train": {"steps": result["steps"], "tokens": result["tokens"], "wall_s": result["wall_s"],
+                  "dropped_pairs": result["dropped_pairs"],
                   "tokens_per_s": result["tokens_per_s"], "final": result["final"]},
         "save_s": save_s,
     }

@@ -44,6 +44,7 @@ class StepPlan:
     micro_batches: list[list[list[int]]]  # [rank][micro-batch] -> global pair ids
     tokens: int                          # prompt+chosen+rejected tokens of the step, all ranks
     epoch: int
+    dropped_in_epoch: int = 0            # pairs of this epoch left out because they could not be dealt evenly
 
 
 def _group_steps(order: np.ndarray, pair_tokens: np.ndarray, tokens_per_step: int, min_pairs: int) -> list[list[int]]:
@@ -65,6 +66,38 @@ def _group_steps(order: np.ndarray, pair_tokens: np.ndarray, tokens_per_step: in
     return steps
 
 
+def _dealable(pair_ids: list[int], pair_tokens: np.ndarray, budget: int, world: int) -> bool:
+    """Can these pairs fill a multiple of `world` micro-batches (each rank the same count, none empty)? The packer
+    reaches one by splitting micro-batches, so: #pairs >= the first multiple of world >= the one-rank bin count."""
+    if world == 1:
+        return True
+    bins = len(plan_micro_batches(pair_tokens[pair_ids], budget, 1)[0])
+    return len(pair_ids) >= -(-bins // world) * world
+
+
+def _make_dealable(groups: list[list[int]], pair_tokens: np.ndarray, budget: int, world: int) -> list[int]:
+    """In place: a step whose pairs cannot be dealt evenly (e.g. 3 long pairs, 3 micro-batches, 2 ranks) takes
+    pairs from the next step; the last step joins the previous one if that is dealable, else its trailing pairs
+    are dropped from this epoch (returned; at most a few, like a DataLoader's drop_last). Dealable steps (nearly
+    all, whenever a micro-batch holds several pairs) are left as they are: the plan is the same for every world."""
+    dropped, i = [], 0
+    while i < len(groups):
+        if _dealable(groups[i], pair_tokens, budget, world):
+            i += 1
+        elif i + 1 < len(groups):
+            groups[i].append(groups[i + 1].pop(0))
+            if not groups[i + 1]:
+                del groups[i + 1]
+        elif i > 0 and _dealable(groups[i - 1] + groups[i], pair_tokens, budget, world):
+            groups[i - 1].extend(groups.pop(i))
+        else:
+            while groups[i] and not _dealable(groups[i], pair_tokens, budget, world):
+                dropped.append(groups[i].pop())
+            if not groups[i]:
+                del groups[i]
+    return dropped
+
+
 def plan_steps(seq_offsets, *, tokens_per_step: int, micro_batch_tokens: int, world_size: int, seed: int,
                epochs: int, max_steps: int = -1) -> list[StepPlan]:
     """Every optimizer step of the phase, epoch by epoch (a fresh permutation of the pairs per epoch, from
@@ -81,11 +114,16 @@ def plan_steps(seq_offsets, *, tokens_per_step: int, micro_batch_tokens: int, wo
     plans = []
     for epoch in range(epochs):
         order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
-        for step in _group_steps(order, pair_tokens, tokens_per_step, world_size):
+        groups = _group_steps(order, pair_tokens, tokens_per_step, world_size)
+        dropped = _make_dealable(groups, pair_tokens, micro_batch_tokens, world_size)
+        if not groups:
+            raise ValueError(f"{num_pairs} pairs cannot be dealt evenly over {world_size} ranks in micro-batches of "
+                             f"{micro_batch_tokens} tokens: use fewer ranks, more pairs or larger micro-batches")
+        for step in groups:
             ids = np.asarray(step, dtype=np.int64)
             local = plan_micro_batches(pair_tokens[ids], micro_batch_tokens, world_size)
             mbs = [[ids[mb].tolist() for mb in rank] for rank in local]
-            plans.append(StepPlan(ids, mbs, int(pair_tokens[ids].sum()), epoch))
+            plans.append(StepPlan(ids, mbs, int(pair_tokens[ids].sum()), epoch, len(dropped)))
             if 0 < max_steps <= len(plans):
                 return plans
     return plans
@@ -224,6 +262,8 @@ class Trainer:
         self.steps = plan_steps(pairs.seq_offsets, tokens_per_step=cfg.tokens_per_step,
                                 micro_batch_tokens=cfg.micro_batch_tokens, world_size=self.world, seed=seed,
                                 epochs=cfg.epochs, max_steps=cfg.max_steps)
+        # pairs left out of an epoch because they could not be dealt evenly over the ranks (rare; reported)
+        self.dropped_pairs = sum({s.epoch: s.dropped_in_epoch for s in self.steps}.values())
         self.optimizer = build_optimizer(model.parameters(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, len(self.steps))
         self.metrics = metrics
@@ -303,5 +343,5 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - t0
-        return {"steps": len(self.steps), "tokens": tokens_done, "wall_s": wall,
+        return {"steps": len(self.steps), "tokens": tokens_done, "wall_s": wall, "dropped_pairs": self.dropped_pairs,
                 "tokens_per_s": tokens_done / max(wall, 1e-9), "final": self.last_row}

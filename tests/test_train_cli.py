@@ -1,0 +1,125 @@
+"""`-m spin_fast.train` end to end on a real model (stories260K) and real SFT rows (skipped without ../shared):
+2 gloo ranks under torchrun train the same weights as 1 process; the output is an HF folder transformers loads;
+metrics/summary files; the reference cache is reused on a re-run; bad rows stop the run naming file:row."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import PLAIN_TEMPLATE
+
+ARGS = ["--data.chat_template", PLAIN_TEMPLATE, "--max-length", "192", "--max-prompt-length", "96",
+        "--tokens-per-step", "3072", "--micro-batch-tokens", "768", "--lr", "3e-4", "--train.warmup_ratio", "0",
+        "--train.log_every", "2", "--train.progress", "false", "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def setup(shared_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train_cli")
+    rows = [json.loads(line) for line in (shared_data / "sft" / "sft_ultrachat_schema-00000.jsonl").open()][:24]
+    pairs = tmp / "pairs.jsonl"
+    with pairs.open("w") as f:
+        for i, r in enumerate(rows):        # the human answer vs another row's: a real, easy-to-learn preference
+            m, other = r["messages"], rows[(i + 1) % len(rows)]["messages"]
+            f.write(json.dumps({"prompt": m[:-1], "chosen": [m[-1]], "rejected": [other[-1]]}) + "\n")
+    return shared_data / "models" / "stories260K", pairs, tmp
+
+
+def run(cmd, **kw):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kw)
+
+
+def train(model, pairs, out, nproc=1, extra=()):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1
+                else [sys.executable])
+    r = run(launcher + ["-m", "spin_fast.train", "--model", str(model), "--pairs", str(pairs), "--output", str(out),
+                        *ARGS, *extra])
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    model, pairs, tmp = setup
+    train(model, pairs, tmp / "one")
+    train(model, pairs, tmp / "two", nproc=2)
+    return model, pairs, tmp
+
+
+def test_two_ranks_train_the_same_weights_as_one(runs):
+    model, _, tmp = runs
+    start = load_file(str(model / "model.safetensors"))
+    one, two = (load_file(str(tmp / d / "model.safetensors")) for d in ("one", "two"))
+    assert set(one) == set(two) == set(start)
+    moved = max((one[k] - start[k]).abs().max().item() for k in one)
+    diff = max((one[k] - two[k]).abs().max().item() for k in one)
+    assert moved > 1e-3, moved                              # the test can fail: the weights really changed
+    assert diff < 2e-5, (diff, moved)                        # fp32 summation order only
+    m1 = [json.loads(line) for line in (tmp / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(line) for line in (tmp / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pairs"] for r in m1] == [r["pairs"] for r in m2] and len(m1) >= 4
+    for a, b in zip(m1, m2):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_outputs_metrics_and_summary(runs):
+    model, _, tmp = runs
+    out = tmp / "one"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)          # step 1: policy == opponent
+    assert rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-4)
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]          # it learns the preference
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "grad_norm", "lr", "tokens_per_s"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert summary["train"]["steps"] == len(rows) and summary["pairs"] == 24
+    assert summary["train"]["tokens"] == sum(r["tokens"] for r in rows) > 0
+    assert summary["cache"]["status"] == "built" and summary["cache"]["tokens"] > 0
+    assert summary["cache"]["tokens_per_s"] > 0 and summary["train"]["tokens_per_s"] > 0
+    assert summary["config"]["train"]["lr"] == 3e-4
+
+
+def test_trained_folder_loads_in_transformers_with_our_logits(runs):
+    from transformers import AutoModelForCausalLM
+
+    from spin_fast.hf_io import load_model
+    _, _, tmp = runs
+    out = tmp / "two"
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours = load_model(out)
+    ids = torch.tensor([[1, 403, 62, 19, 7, 300, 5, 88]])
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+        got = ours.logits(ours(ids[0], torch.arange(ids.shape[1])))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_rerun_reuses_the_reference_cache(runs):
+    model, pairs, tmp = runs
+    train(model, pairs, tmp / "one", extra=["--train.max_steps", "1"])
+    summary = json.loads((tmp / "one" / "summary.json").read_text())
+    assert summary["cache"]["status"] == "reused", summary["cache"]
+    train(model, pairs, tmp / "one", extra=["--train.max_steps", "1", "--max-prompt-length", "64"])
+    summary = json.loads((tmp / "one" / "summary.json").read_text())
+    assert summary["cache"]["status"] == "rebuilt" and "max_prompt_length" in summary["cache"]["reason"]
+
+
+def test_bad_row_stops_naming_file_and_row(setup):
+    model, pairs, tmp = setup
+    bad = tmp / "bad.jsonl"
+    lines = pairs.read_text().splitlines()
+    row = json.loads(lines[2])
+    row["chosen"] = [{"role": "assistant", "content": ""}]
+    bad.write_text("\n".join(lines[:2] + [json.dumps(row)] + lines[3:]) + "\n")
+    r = run([sys.executable, "-m", "spin_fast.train", "--model", str(model), "--pairs", str(bad), "--output",
+             str(tmp / "bad_out"), *ARGS])
+    assert r.returncode == 2 and f"{bad}:3" in r.stderr and "empty" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

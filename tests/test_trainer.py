@@ -1,0 +1,196 @@
+"""trainer.py in-process (no ../shared needed): the step plan, the schedule, and that one optimizer step's gradient is
+the gradient of the mean SPIN loss over the step's pairs, whatever the micro-batching."""
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spin_fast import refcache
+from spin_fast.config import TrainCfg
+from spin_fast.loss import reference_token_logprobs
+from spin_fast.packing import IGNORE_INDEX
+from spin_fast.trainer import MetricsLog, Trainer, _dealable, lr_factor, plan_steps, prepare_model
+
+from test_refcache import make_pairs, spin_rows, tiny_model
+
+
+def offsets_from(lengths):
+    off = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=off[1:])
+    return off
+
+
+# --- the step plan --------------------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(2, 60), min_size=16, max_size=80).filter(lambda x: len(x) % 2 == 0),
+       tokens_per_step=st.integers(200, 900), seed=st.integers(0, 3), epochs=st.integers(1, 2))
+def test_plan_is_world_independent_and_complete(lengths, tokens_per_step, seed, epochs):
+    off = offsets_from(lengths)
+    pair_tokens = np.diff(off).reshape(-1, 2).sum(1)
+    budget = 128                                    # >= the longest pair (2 * 60)
+    plans = {w: plan_steps(off, tokens_per_step=tokens_per_step, micro_batch_tokens=budget, world_size=w,
+                           seed=seed, epochs=epochs) for w in (1, 2, 4)}
+    for w, steps in plans.items():
+        for epoch in range(epochs):
+            ids = np.concatenate([s.pairs for s in steps if s.epoch == epoch]).tolist()
+            (dropped,) = {s.dropped_in_epoch for s in steps if s.epoch == epoch}
+            assert dropped < w and (w > 1 or dropped == 0)          # only a tail that cannot be dealt evenly
+            assert len(set(ids)) == len(ids) and len(ids) + dropped == len(pair_tokens)   # the rest, once each
+        for s in steps:
+            assert len(s.micro_batches) == w
+            assert len({len(r) for r in s.micro_batches}) == 1                     # ranks step in lockstep
+            flat = sorted(p for r in s.micro_batches for mb in r for p in mb)
+            assert flat == sorted(s.pairs.tolist())                               # no pair lost, none split
+            assert all(pair_tokens[mb].sum() <= budget for r in s.micro_batches for mb in r)
+            assert s.tokens == int(pair_tokens[s.pairs].sum())
+            assert len(s.pairs) >= w
+    # The global batches do not depend on the world size whenever one rank's steps can be dealt to w ranks as
+    # they are (only a step of a few long pairs, fewer than w per micro-batch round, gets pairs added).
+    for w in (2, 4):
+        if all(len(s.pairs) >= w and _dealable(s.pairs.tolist(), pair_tokens, budget, w) for s in plans[1]):
+            assert [s.pairs.tolist() for s in plans[w]] == [s.pairs.tolist() for s in plans[1]]
+
+
+def test_plan_respects_token_budget_and_seed():
+    off = offsets_from([30] * 40)                         # 20 pairs of 60 tokens
+    steps = plan_steps(off, tokens_per_step=300, micro_batch_tokens=128, world_size=1, seed=0, epochs=1)
+    assert [len(s.pairs) for s in steps] == [5, 5, 5, 5]
+    assert all(s.tokens <= 300 for s in steps)
+    other = plan_steps(off, tokens_per_step=300, micro_batch_tokens=128, world_size=1, seed=1, epochs=1)
+    assert [s.pairs.tolist() for s in other] != [s.pairs.tolist() for s in steps]
+    two = plan_steps(off, tokens_per_step=300, micro_batch_tokens=128, world_size=1, seed=0, epochs=2)
+    assert [s.pairs.tolist() for s in two[:4]] == [s.pairs.tolist() for s in steps]
+    assert len(plan_steps(off, tokens_per_step=300, micro_batch_tokens=128, world_size=1, seed=0, epochs=2,
+                          max_steps=3)) == 3
+
+
+def test_plan_errors_name_the_problem():
+    off = offsets_from([30, 30, 100, 90])
+    with pytest.raises(ValueError, match=r"pair 1 has 190 tokens, more than train.micro_batch_tokens=128"):
+        plan_steps(off, tokens_per_step=300, micro_batch_tokens=128, world_size=1, seed=0, epochs=1)
+    with pytest.raises(ValueError, match="2 training pairs cannot be spread over 3 ranks"):
+        plan_steps(off, tokens_per_step=300, micro_batch_tokens=256, world_size=3, seed=0, epochs=1)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_lr_factor(schedule):
+    total, warm = 10, 2
+    f = [lr_factor(s, total, warm, schedule) for s in range(total)]
+    assert f[:3] == [0.0, 0.5, 1.0]                      # Hugging Face's warmup: step / warmup
+    if schedule == "constant":
+        assert f[2:] == [1.0] * 8
+    elif schedule == "linear":
+        assert f[2:] == pytest.approx([1 - i / 8 for i in range(8)])
+    else:
+        assert f[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * i / 8)) for i in range(8)])
+
+
+# --- training -------------------------------------------------------------------------------------------------------
+
+def cfg_for(**kw):
+    base = dict(lr=2e-3, optimizer="adamw", warmup_ratio=0.0, lr_schedule="constant", tokens_per_step=600,
+                micro_batch_tokens=600, max_grad_norm=0.0, log_every=2, progress=False, beta=0.5)
+    base.update(kw)
+    return TrainCfg(**base)
+
+
+def build(tmp_path, cfg, model=None, ref_model=None, rows=12):
+    pairs = make_pairs(tmp_path, spin_rows(rows), max_length=64, max_prompt_length=32)
+    model = model if model is not None else tiny_model()
+    ref_c, ref_r = refcache.compute_ref_logps(ref_model if ref_model is not None else model, pairs)
+    prepare_model(model, cfg, distributed=False, compute_dtype=torch.float32)
+    return Trainer(model, pairs, ref_c, ref_r, cfg, seed=0, device=torch.device("cpu"), distributed=False), pairs
+
+
+def naive_step_loss(model, ref_c, ref_r, pairs, pair_ids, beta, loss_type="sigmoid"):
+    """Mean over the step's pairs of the SPIN loss, from per-sequence unpacked forwards with full logits."""
+    logps = []
+    for p in pair_ids:
+        for s in (2 * p, 2 * p + 1):
+            ids = torch.from_numpy(pairs.tokens[pairs.seq_offsets[s]:pairs.seq_offsets[s + 1]]).long()
+            plen = int(pairs.prompt_lens[s])
+            targets = torch.full_like(ids, IGNORE_INDEX)
+            targets[plen - 1:-1] = ids[plen:]
+            hidden = model(ids, torch.arange(ids.numel()))
+            logps.append(reference_token_logprobs(hidden, model.lm_head_weight, targets).sum())
+    logps = torch.stack(logps)
+    idx = torch.as_tensor(pair_ids)
+    margin = (logps[0::2] - ref_c[idx]) - (logps[1::2] - ref_r[idx])
+    losses = -torch.nn.functional.logsigmoid(beta * margin) if loss_type == "sigmoid" else torch.relu(1 - beta * margin)
+    return losses.mean()
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+@pytest.mark.parametrize("micro_batch_tokens", [600, 200])          # one micro-batch per step, or several
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_step_gradient_is_gradient_of_mean_step_loss(tmp_path, loss_type, micro_batch_tokens, checkpointing):
+    # reference = another model, so margins are far from 0 and l'(m) differs per pair
+    cfg = cfg_for(loss_type=loss_type, micro_batch_tokens=micro_batch_tokens, activation_checkpointing=checkpointing)
+    trainer, pairs = build(tmp_path, cfg, model=tiny_model(seed=0), ref_model=tiny_model(seed=1))
+    step = trainer.steps[0]
+    assert len(step.micro_batches[0]) == (1 if micro_batch_tokens == 600 else len(step.micro_batches[0]))
+    if micro_batch_tokens == 200:
+        assert len(step.micro_batches[0]) > 1
+    vec = sum(trainer._micro_batch(mb, len(step.pairs)) for mb in step.micro_batches[0])
+    got = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+
+    oracle = copy.deepcopy(trainer.model)
+    oracle.zero_grad(set_to_none=True)
+    for blk in oracle.layers:
+        blk.checkpoint_activations = False
+    loss = naive_step_loss(oracle, trainer.ref_chosen, trainer.ref_rejected, pairs, step.pairs.tolist(),
+                           cfg.beta, loss_type)
+    loss.backward()
+    torch.testing.assert_close(vec[0], loss.detach(), atol=1e-5, rtol=1e-5)
+    for n, p in oracle.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=2e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_first_step_is_ln2_and_training_moves_margins(tmp_path):
+    cfg = cfg_for(tokens_per_step=300, micro_batch_tokens=300, epochs=3)
+    trainer, _ = build(tmp_path, cfg)
+    metrics_path = tmp_path / "metrics.jsonl"
+    trainer.metrics = MetricsLog(metrics_path)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = trainer.train()
+    trainer.metrics.close()
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    assert len(rows) == result["steps"] == len(trainer.steps) and [r["step"] for r in rows] == list(
+        range(1, len(rows) + 1))
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)          # policy == opponent at step 0
+    assert rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert rows[-1]["rewards/margins"] > 0.5 and rows[-1]["loss"] < 0.5 * math.log(2)
+    assert rows[-1]["rewards/accuracies"] == 1.0
+    assert result["tokens"] == sum(r["tokens"] for r in rows) and result["tokens_per_s"] > 0
+    assert max((p.detach() - before[n]).abs().max().item() for n, p in trainer.model.named_parameters()) > 1e-3
+
+
+def test_micro_batching_does_not_change_the_trained_weights(tmp_path):
+    # the same global steps, cut into 1 or several micro-batches per step: gradient accumulation must be exact
+    # (up to fp32 summation order)
+    results = []
+    for mbt in (600, 150):
+        trainer, _ = build(tmp_path, cfg_for(micro_batch_tokens=mbt, max_grad_norm=1.0, optimizer="rmsprop",
+                                             lr_schedule="linear", warmup_ratio=0.2, epochs=2))
+        trainer.train()
+        results.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    start = tiny_model()
+    moved = max((results[0][n] - p.detach()).abs().max().item() for n, p in start.named_parameters())
+    diff = max((results[0][n] - results[1][n]).abs().max().item() for n in results[0])
+    assert moved > 1e-3 and diff < 1e-5 * max(1.0, moved), (moved, diff)
+
+
+def test_bad_pair_tokens_are_refused(tmp_path):
+    cfg = cfg_for()
+    pairs = make_pairs(tmp_path, spin_rows(4), max_length=64, max_prompt_length=32)
+    model = tiny_model()
+    ref = torch.zeros(pairs.num_pairs)
+    pairs.tokens[3] = 999                                     # beyond the 256-entry vocabulary
+    with pytest.raises(ValueError, match="vocabulary has 256 entries"):
+        Trainer(model, pairs, ref, ref, cfg, seed=0, device=torch.device("cpu"), distributed=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -174,7 +175,8 @@ def _coerce(key: str, tp, value, *, from_cli: bool):
             return value.lower() in ("true", "1", "yes")
         raise ValueError(f"config {key}: expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
+        # YAML has real integers: a string there is a mistake; on the CLI every value is a string
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not from_cli):
             raise ValueError(f"config {key}: expected an integer, got {type(value).__name__} {value!r}")
         try:
             return int(value)
@@ -184,9 +186,12 @@ def _coerce(key: str, tp, value, *, from_cli: bool):
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError(f"config {key}: expected a number, got {type(value).__name__} {value!r}")
         try:
-            return float(value)
+            out = float(value)   # strings too: PyYAML reads 5e-6 (no dot) as the string '5e-6'
         except ValueError:
             raise ValueError(f"config {key}: expected a number, got {value!r}") from None
+        if not math.isfinite(out):
+            raise ValueError(f"config {key}: expected a finite number, got {value!r}")
+        return out
     if tp is str:
         if not isinstance(value, (str, Path)) or isinstance(value, bool):
             raise ValueError(f"config {key}: expected a string, got {type(value).__name__} {value!r}")
@@ -229,7 +234,12 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     out = []
     for k, v in d.items():
         key = prefix + str(k)
-        if isinstance(v, dict) and _is_section(_hints_for(key)):
+        if _is_section(_hints_for(key)):
+            if v is None:                 # an empty section (every key commented out): its defaults
+                continue
+            if not isinstance(v, dict):
+                raise ValueError(f"config {key}: a section, must be a mapping of keys, got {type(v).__name__} "
+                                 f"{v!r:.60}")
             out.extend(_flatten(v, key + "."))
         else:
             out.append((key, v))
@@ -250,11 +260,13 @@ def from_yaml(path) -> Config:
     import yaml
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
+        raise ValueError(f"config file {path} " + ("is not a file" if path.exists() else "does not exist"))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if raw is None:                       # an empty file: every default
+        raw = {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
     cfg = Config()
@@ -283,7 +295,7 @@ def apply_overrides(cfg: Config, argv: list[str]) -> Config:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if keys[key][0] is bool and (nxt is None or nxt.startswith("--")):
                 value = "true"
-            elif nxt is None:
+            elif nxt is None or nxt.startswith("--"):
                 raise ValueError(f"config {key}: --{name} needs a value")
             else:
                 value = nxt
@@ -300,11 +312,12 @@ def load_config(path=None, overrides: list[str] | None = None) -> Config:
 
 def reference_markdown() -> str:
     """The config reference as a markdown table (README)."""
+    esc = lambda text: str(text).replace("|", "\\|")                       # noqa: E731  (a | inside a cell)
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, (tp, default, help) in all_keys().items():
-        name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
-        rows.append(f"| `{key}` | {str(tp).replace('typing.', '') if '|' in str(tp) or '[' in str(tp) else name} "
-                    f"| `{default!r}` | {help} |")
+        name = getattr(tp, "__name__", None) if isinstance(tp, type) else None
+        type_name = name or str(tp).replace("typing.", "")
+        rows.append(f"| `{key}` | {esc(type_name)} | `{esc(repr(default))}` | {esc(help)} |")
     return "\n".join(rows)
 
 

@@ -55,7 +55,7 @@ setup(
         "hf": ["transformers>=5", "tokenizers", "sentencepiece", "protobuf", "jinja2", "pyarrow"],
         "test": ["pytest", "hypothesis", "transformers>=5", "tokenizers", "sentencepiece",
                  "protobuf", "jinja2", "pyarrow", "triton>=3.6"],
-        "bench": ["liger-kernel", "transformers>=5", "psutil"],
+        "bench": ["liger-kernel", "transformers>=5", "psutil", "trl==1.16.0", "datasets"],
         "flash": ["flash-attn"],
     },
 )

@@ -38,8 +38,10 @@ class ModelCfg:
 
 @dataclass
 class DataCfg:
-    pairs: list[str] = _f([], "training pairs: jsonl/json/parquet files or datasets folders in SPIN's real/generated "
-                              "schema or prompt/chosen/rejected (or ultrachat `messages` rows + data.generated)")
+    sft: list[str] = _f([], "the SFT data of the SPIN loop: ultrachat-schema rows (`messages` ending on the human "
+                            "answer), jsonl/json/parquet files or datasets folders")
+    pairs: list[str] = _f([], "training-phase only (no generation): pairs in SPIN's real/generated schema or "
+                              "prompt/chosen/rejected (or ultrachat `messages` rows + data.generated)")
     generated: list[str] = _f([], "spin_fast.generate output files holding the rejected responses of `messages` rows")
     max_length: int = _f(1024, "max tokens of prompt + response (SPIN's max_length); longer responses are cut")
     max_prompt_length: int = _f(512, "max prompt tokens; longer prompts keep their end (SPIN's max_prompt_length)")
@@ -73,17 +75,52 @@ class TrainCfg:
     log_every: int = _f(10, "steps between metric flushes (the only host syncs of the loop; one JSONL row per step)")
     tensorboard: bool = _f(False, "also write TensorBoard events to OUTPUT/tb (needs the tensorboard package)")
     progress: bool = _f(True, "tqdm progress bar on rank 0")
+    checkpoint_every: int = _f(0, "save a resumable checkpoint (DCP) every this many steps (0: only phase ends)")
 
+
+@dataclass
+class GenerateCfg:
+    max_new_tokens: int = _f(256, "tokens sampled per response (the paper's 256)")
+    temperature: float = _f(1.0, "sampling temperature (0: greedy)")
+    top_p: float = _f(1.0, "nucleus sampling mass in (0, 1]")
+    top_k: int = _f(0, "top-k sampling (0: off)")
+    batch_size: int = _f(64, "KV-cache slots per rank (continuous batching)")
+    dtype: str = _f("auto", "sampling dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
+
+
+@dataclass
+class SftCfg:
+    epochs: int = _f(0, "epochs of supervised fine-tuning before iteration 0 (0: none; the demo trains from scratch)")
+    lr: float = _f(1e-3, "SFT peak learning rate")
+    optimizer: str = _f("adamw", "adamw | rmsprop")
+    lr_schedule: str = _f("cosine", "linear | cosine | constant")
+    warmup_ratio: float = _f(0.05, "fraction of SFT steps with warmup")
+    tokens_per_step: int = _f(65536, "global tokens per SFT optimizer step")
+
+
+@dataclass
+class LoopCfg:
+    iterations: int = _f(3, "SPIN iterations t = start_iteration .. iterations-1")
+    start_iteration: int = _f(0, "first iteration to run (its opponent: OUTPUT/iter{t-1}, or model.path for 0)")
+    mix_previous: bool = _f(False, "train iteration t on the pairs of t and t-1 (the paper's iterations >= 1)")
+    heldout: int = _f(64, "SFT rows held out of training: the discriminator check (and the demo's accuracy)")
+    convergence_threshold: float = _f(0.0, "stop when the held-out mean margin falls below this (the opponent "
+                                           "can no longer be told from the data; 0: never stop early)")
+    continued_sft_baseline: bool = _f(False, "also train continued SFT for the same tokens per iteration (ablation)")
 
 @dataclass
 class Config:
     model: ModelCfg = field(default_factory=ModelCfg, metadata={"help": "the starting model"})
     data: DataCfg = field(default_factory=DataCfg, metadata={"help": "the training pairs"})
     train: TrainCfg = field(default_factory=TrainCfg, metadata={"help": "the training phase"})
+    generate: GenerateCfg = field(default_factory=GenerateCfg, metadata={"help": "the generation phase"})
+    sft: SftCfg = field(default_factory=SftCfg, metadata={"help": "an optional SFT phase before iteration 0"})
+    loop: LoopCfg = field(default_factory=LoopCfg, metadata={"help": "the SPIN loop"})
     output: str | None = _f(None, "output folder: HF model, metrics.jsonl, summary.json, reference cache")
     seed: int = _f(0, "seed of the data order (and of sampling, in the loop)")
     device: str = _f("auto", "auto (cuda:LOCAL_RANK when available, else cpu) | cpu | cuda")
     ref_cache: str | None = _f(None, "reference log-prob cache file (default OUTPUT/ref_logps.safetensors)")
+    resume: bool = _f(False, "continue from the last complete state in OUTPUT (any phase, any iteration)")
 
     def validate(self) -> "Config":
         """Range and choice checks; ValueError naming the key."""
@@ -104,6 +141,28 @@ class Config:
                    "device": (self.device, ("auto", "cpu", "cuda"))}
         for key, (v, allowed) in choices.items():
             need(v in allowed, key, f"must be one of {allowed}", v)
+        g, sft, lp = self.generate, self.sft, self.loop
+        choices.update({"generate.dtype": (g.dtype, ("auto", "float32", "bfloat16")),
+                        "sft.optimizer": (sft.optimizer, ("rmsprop", "adamw")),
+                        "sft.lr_schedule": (sft.lr_schedule, ("linear", "cosine", "constant"))})
+        for key, (v, allowed) in choices.items():
+            need(v in allowed, key, f"must be one of {allowed}", v)
+        need(g.max_new_tokens >= 1, "generate.max_new_tokens", "must be >= 1", g.max_new_tokens)
+        need(g.temperature >= 0, "generate.temperature", "must be >= 0", g.temperature)
+        need(0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]", g.top_p)
+        need(g.top_k >= 0, "generate.top_k", "must be >= 0", g.top_k)
+        need(g.batch_size >= 1, "generate.batch_size", "must be >= 1", g.batch_size)
+        need(sft.epochs >= 0, "sft.epochs", "must be >= 0", sft.epochs)
+        need(sft.lr > 0, "sft.lr", "must be > 0", sft.lr)
+        need(0 <= sft.warmup_ratio < 1, "sft.warmup_ratio", "must be in [0, 1)", sft.warmup_ratio)
+        need(sft.tokens_per_step >= t.micro_batch_tokens, "sft.tokens_per_step",
+             f"must be >= train.micro_batch_tokens = {t.micro_batch_tokens}", sft.tokens_per_step)
+        need(lp.iterations >= 1, "loop.iterations", "must be >= 1", lp.iterations)
+        need(0 <= lp.start_iteration < lp.iterations, "loop.start_iteration",
+             f"must be in [0, loop.iterations={lp.iterations})", lp.start_iteration)
+        need(lp.heldout >= 0, "loop.heldout", "must be >= 0", lp.heldout)
+        need(lp.convergence_threshold >= 0, "loop.convergence_threshold", "must be >= 0", lp.convergence_threshold)
+        need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0", t.checkpoint_every)
         need(t.beta > 0, "train.beta", "must be > 0", t.beta)
         need(t.lr > 0, "train.lr", "must be > 0", t.lr)
         need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
@@ -138,7 +197,8 @@ ALIASES = {"model": "model.path", "pairs": "data.pairs", "generated": "data.gene
            "lr": "train.lr", "epochs": "train.epochs", "max_length": "data.max_length",
            "max_prompt_length": "data.max_prompt_length", "tokens_per_step": "train.tokens_per_step",
            "micro_batch_tokens": "train.micro_batch_tokens", "loss_type": "train.loss_type",
-           "optimizer": "train.optimizer", "max_steps": "train.max_steps", "chat_template": "data.chat_template"}
+           "optimizer": "train.optimizer", "max_steps": "train.max_steps", "chat_template": "data.chat_template",
+           "sft_data": "data.sft", "iterations": "loop.iterations", "max_new_tokens": "generate.max_new_tokens"}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:

@@ -378,3 +378,16 @@ def pairs_fingerprint(tokens, seq_offsets, prompt_lens, max_length: int, max_pro
         h.update(f"{a.size}:".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def concat_pairs(a: PairSet, b: PairSet) -> PairSet:
+    """a's pairs then b's (e.g. iteration t's and t-1's, for loop.mix_previous); same truncation required."""
+    if (a.max_length, a.max_prompt_length) != (b.max_length, b.max_prompt_length):
+        raise ValueError("cannot join pair sets rendered with different max_length / max_prompt_length")
+    tokens = np.concatenate([a.tokens, b.tokens])
+    seq_offsets = np.concatenate([a.seq_offsets, b.seq_offsets[1:] + a.seq_offsets[-1]])
+    prompt_lens = np.concatenate([a.prompt_lens, b.prompt_lens])
+    fp = pairs_fingerprint(tokens, seq_offsets, prompt_lens, a.max_length, a.max_prompt_length)
+    return PairSet(tokens, seq_offsets, prompt_lens, a.locs + b.locs, a.prompt_ids + b.prompt_ids, fp,
+                   a.max_length, a.max_prompt_length, a.truncated_prompts + b.truncated_prompts,
+                   a.truncated_responses + b.truncated_responses)

@@ -94,9 +94,15 @@ def eos_ids(model_dir: Path, model, tokenizer) -> list[int]:
 
 def main(argv=None):
     args = parse_args(argv)
-    from transformers import AutoTokenizer
-
     rt = init_runtime(args.device)
+    summary = run(args, rt)
+    shutdown(rt)
+    return summary
+
+
+def run(args, rt) -> dict:
+    """The generation phase on an initialised runtime (also called by the SPIN loop); returns the summary."""
+    from transformers import AutoTokenizer
     rank, world, device = rt.rank, rt.world, rt.device
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -192,7 +198,6 @@ def main(argv=None):
         for msg in bad[:10]:
             print(f"skipped: {msg}", file=sys.stderr)
         print(json.dumps(summary), file=sys.stderr)
-    shutdown(rt)
     return summary
 
 

@@ -40,8 +40,8 @@ METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
 
 @dataclass
 class StepPlan:
-    pairs: np.ndarray                    # (P_step,) global pair ids of this optimizer step
-    micro_batches: list[list[list[int]]]  # [rank][micro-batch] -> global pair ids
+    units: np.ndarray                    # (U_step,) global unit (pair) ids of this optimizer step
+    micro_batches: list[list[list[int]]]  # [rank][micro-batch] -> global unit ids
     tokens: int                          # prompt+chosen+rejected tokens of the step, all ranks
     epoch: int
     dropped_in_epoch: int = 0            # pairs of this epoch left out because they could not be dealt evenly
@@ -98,12 +98,12 @@ def _make_dealable(groups: list[list[int]], pair_tokens: np.ndarray, budget: int
     return dropped
 
 
-def plan_steps(seq_offsets, *, tokens_per_step: int, micro_batch_tokens: int, world_size: int, seed: int,
+def plan_steps(unit_tokens, *, tokens_per_step: int, micro_batch_tokens: int, world_size: int, seed: int,
                epochs: int, max_steps: int = -1) -> list[StepPlan]:
-    """Every optimizer step of the phase, epoch by epoch (a fresh permutation of the pairs per epoch, from
-    (seed, epoch) only). ValueError if there are fewer pairs than ranks or a pair exceeds micro_batch_tokens."""
-    counts = pair_token_counts(seq_offsets)                                   # (P, 2)
-    pair_tokens = counts.sum(1)                                               # (P,)
+    """Every optimizer step of the phase, epoch by epoch (a fresh permutation of the units per epoch, from
+    (seed, epoch) only). unit_tokens (U,): tokens of each training unit (a SPIN pair: prompt+chosen+prompt+rejected;
+    an SFT example). ValueError if there are fewer units than ranks or one exceeds micro_batch_tokens."""
+    pair_tokens = np.asarray(unit_tokens, dtype=np.int64)                     # (U,)
     num_pairs = len(pair_tokens)
     if num_pairs < world_size:
         raise ValueError(f"{num_pairs} training pairs cannot be spread over {world_size} ranks (each rank needs one)")
@@ -235,6 +235,23 @@ class MetricsLog:
         if self.file is not None:
             self.file.flush()
 
+    def truncate_after(self, step: int) -> None:
+        """Resume: drop rows of steps after `step` (written after the checkpoint being resumed from)."""
+        if self.file is None:
+            return
+        path = Path(self.file.name)
+        self.file.close()
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = []
+        for line in rows:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                break                                   # a torn last line of a killed run
+        path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
+
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
@@ -242,24 +259,61 @@ class MetricsLog:
             self.tb.close()
 
 
+# --- what is trained: SPIN pairs (or SFT examples, sft.py) ----------------------------------------------------------
+
+def check_token_range(tokens: np.ndarray, vocab: int) -> None:
+    """Once on the host, so every kernel call can skip its value checks (device syncs)."""
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise ValueError(f"training tokens span [{int(tokens.min())}, {int(tokens.max())}] but the model's "
+                         f"vocabulary has {vocab} entries: a tokenizer of another model?")
+
+
+class SpinTask:
+    """SPIN pairs against cached reference log-probs (P,) each; units are pairs, the normalizer their count."""
+    metric_names = METRIC_NAMES
+    unit_name = "pairs"
+
+    def __init__(self, pairs, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, cfg, device: torch.device):
+        self.pairs, self.cfg, self.device = pairs, cfg, device
+        self.ref_chosen = ref_chosen.to(device=device, dtype=torch.float32)       # (P,)
+        self.ref_rejected = ref_rejected.to(device=device, dtype=torch.float32)   # (P,)
+        self.tokens = pairs.tokens
+        self.unit_tokens = pair_token_counts(pairs.seq_offsets).sum(1)            # (P,)
+
+    def normalizer(self, unit_ids: np.ndarray) -> float:
+        return float(len(unit_ids))
+
+    def micro_batch(self, model, pair_ids: list[int], normalizer: float) -> torch.Tensor:
+        """Forward + backward of one micro-batch; returns its (7,) metric contributions (sums over its pairs /
+        normalizer, so the step's rows add up to means over the step's pairs)."""
+        p, cfg = self.pairs, self.cfg
+        host = collate(pair_ids, p.tokens, p.seq_offsets, p.prompt_lens)
+        max_seqlen = int(np.diff(host["cu_seqlens"]).max())
+        num_seqs = host["cu_seqlens"].size - 1
+        b = to_torch(host, self.device)
+        hidden = model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen)      # (N, H)
+        loss, m = spin_loss_from_hidden(
+            hidden, model.lm_head_weight, b["targets"], b["seq_index"], b["chosen_index"], b["rejected_index"],
+            self.ref_chosen[b["pair_ids"]], self.ref_rejected[b["pair_ids"]], beta=cfg.beta,
+            loss_type=cfg.loss_type, normalizer=normalizer, impl=cfg.impl,
+            num_sequences=num_seqs, check_values=False, memory_budget_bytes=cfg.logits_budget_mib << 20)
+        loss.backward()
+        share = len(pair_ids) / normalizer
+        return torch.stack([loss.detach().float()] + [m[k] * share for k in METRIC_NAMES[1:]])      # (7,)
+
+
 # --- the loop -------------------------------------------------------------------------------------------------------
 
 class Trainer:
-    """Trains `model` (prepared by prepare_model) on `pairs` against cached reference log-probs (P,) each."""
+    """Trains `model` (prepared by prepare_model) on a task's units (SpinTask: pairs + cached reference log-probs)."""
 
-    def __init__(self, model, pairs, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, cfg, *, seed: int,
-                 device: torch.device, distributed: bool, metrics: MetricsLog | None = None):
-        self.model, self.pairs, self.cfg, self.device = model, pairs, cfg, device
+    def __init__(self, model, task, cfg, *, seed: int, device: torch.device, distributed: bool,
+                 metrics: MetricsLog | None = None):
+        self.model, self.task, self.cfg, self.device = model, task, cfg, device
         self.distributed = distributed
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-        self.ref_chosen = ref_chosen.to(device=device, dtype=torch.float32)       # (P,)
-        self.ref_rejected = ref_rejected.to(device=device, dtype=torch.float32)   # (P,)
-        vocab = model.lm_head_weight.shape[0]
-        if pairs.tokens.size and (int(pairs.tokens.min()) < 0 or int(pairs.tokens.max()) >= vocab):
-            # checked once on the host, so every kernel call can skip its value checks (device syncs)
-            raise ValueError(f"pair tokens span [{int(pairs.tokens.min())}, {int(pairs.tokens.max())}] but the "
-                             f"model's vocabulary has {vocab} entries: a tokenizer of another model?")
-        self.steps = plan_steps(pairs.seq_offsets, tokens_per_step=cfg.tokens_per_step,
+        check_token_range(task.tokens, model.lm_head_weight.shape[0])
+        self.steps = plan_steps(task.unit_tokens, tokens_per_step=cfg.tokens_per_step,
                                 micro_batch_tokens=cfg.micro_batch_tokens, world_size=self.world, seed=seed,
                                 epochs=cfg.epochs, max_steps=cfg.max_steps)
         # pairs left out of an epoch because they could not be dealt evenly over the ranks (rare; reported)
@@ -269,23 +323,8 @@ class Trainer:
         self.metrics = metrics
         self.max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
 
-    def _micro_batch(self, pair_ids: list[int], normalizer: int) -> torch.Tensor:
-        """Forward + backward of one micro-batch; returns its (7,) metric contributions (sums over its pairs /
-        normalizer, so the step's rows add up to means over the step's pairs)."""
-        p = self.pairs
-        host = collate(pair_ids, p.tokens, p.seq_offsets, p.prompt_lens)
-        max_seqlen = int(np.diff(host["cu_seqlens"]).max())
-        num_seqs = host["cu_seqlens"].size - 1
-        b = to_torch(host, self.device)
-        hidden = self.model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen)  # (N, H)
-        loss, m = spin_loss_from_hidden(
-            hidden, self.model.lm_head_weight, b["targets"], b["seq_index"], b["chosen_index"], b["rejected_index"],
-            self.ref_chosen[b["pair_ids"]], self.ref_rejected[b["pair_ids"]], beta=self.cfg.beta,
-            loss_type=self.cfg.loss_type, normalizer=float(normalizer), impl=self.cfg.impl,
-            num_sequences=num_seqs, check_values=False, memory_budget_bytes=self.cfg.logits_budget_mib << 20)
-        loss.backward()
-        share = len(pair_ids) / normalizer
-        return torch.stack([loss.detach().float()] + [m[k] * share for k in METRIC_NAMES[1:]])      # (7,)
+    def _micro_batch(self, unit_ids: list[int], normalizer: float) -> torch.Tensor:
+        return self.task.micro_batch(self.model, unit_ids, normalizer)
 
     def _flush(self, window: list[dict], t_start: float, bar) -> None:
         """The one host sync of a window: global metric sums, then one JSONL row per step."""
@@ -297,29 +336,41 @@ class Trainer:
         tokens = sum(w["tokens"] for w in window)
         rate = tokens / max(time.perf_counter() - t_start, 1e-9)
         for w, v, g in zip(window, values, norms):
-            row = {"step": w["step"], "epoch": w["epoch"], **dict(zip(METRIC_NAMES, v)), "grad_norm": g,
-                   "lr": w["lr"], "pairs": w["pairs"], "tokens": w["tokens"], "tokens_per_s": rate,
+            row = {"step": w["step"], "epoch": w["epoch"], **dict(zip(self.task.metric_names, v)), "grad_norm": g,
+                   "lr": w["lr"], self.task.unit_name: w["units"], "tokens": w["tokens"], "tokens_per_s": rate,
                    "elapsed_s": w["elapsed_s"]}
             if self.rank == 0 and self.metrics is not None:
                 self.metrics.write(row)
         if self.rank == 0 and self.metrics is not None:
             self.metrics.flush()
         if bar is not None:
-            bar.set_postfix(loss=f"{values[-1][0]:.4f}", margin=f"{values[-1][3]:.3g}", tok_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{values[-1][0]:.4f}", tok_s=f"{rate:.0f}")
         self.last_row = row
 
-    def train(self) -> dict:
+    def train(self, checkpoint_dir: Path | None = None, checkpoint_every: int = 0) -> dict:
+        """Run every step of the plan. checkpoint_dir: resume from its latest checkpoint if there is one, and
+        (checkpoint_every > 0) save one every that many steps."""
         from tqdm import tqdm
+
+        from . import checkpoint
         cfg = self.cfg
         self.model.train()
-        bar = tqdm(total=len(self.steps), desc="train", unit="step", dynamic_ncols=True,
+        start = 0
+        plan = checkpoint.plan_fingerprint(self.steps) if checkpoint_dir is not None else ""
+        if checkpoint_dir is not None and (found := checkpoint.latest(checkpoint_dir)) is not None:
+            start = checkpoint.load(found, self.model, self.optimizer, self.scheduler, plan)
+            if self.rank == 0 and self.metrics is not None:
+                self.metrics.truncate_after(start)
+        bar = tqdm(total=len(self.steps), initial=start, desc="train", unit="step", dynamic_ncols=True,
                    disable=self.rank != 0 or not cfg.progress)
         t0 = time.perf_counter()
         window, t_window = [], t0
         tokens_done = 0
         self.last_row = {}
         for i, step in enumerate(self.steps):
-            normalizer = len(step.pairs)
+            if i < start:
+                continue
+            normalizer = self.task.normalizer(step.units)
             vec = None
             for mb in step.micro_batches[self.rank]:
                 v = self._micro_batch(mb, normalizer)
@@ -333,15 +384,19 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             tokens_done += step.tokens
             window.append({"step": i + 1, "epoch": step.epoch, "vec": vec, "grad_norm": grad_norm.float(),
-                           "lr": lr, "pairs": normalizer, "tokens": step.tokens,
+                           "lr": lr, "units": len(step.units), "tokens": step.tokens,
                            "elapsed_s": time.perf_counter() - t0})
             bar.update(1)
-            if len(window) == cfg.log_every or i == len(self.steps) - 1:
+            save_now = checkpoint_dir is not None and checkpoint_every > 0 and (i + 1) % checkpoint_every == 0 \
+                and i + 1 < len(self.steps)
+            if len(window) == cfg.log_every or i == len(self.steps) - 1 or save_now:
                 self._flush(window, t_window, bar)
                 window, t_window = [], time.perf_counter()
+            if save_now:
+                checkpoint.save(checkpoint_dir, i + 1, self.model, self.optimizer, self.scheduler, plan)
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - t0
-        return {"steps": len(self.steps), "tokens": tokens_done, "wall_s": wall, "dropped_pairs": self.dropped_pairs,
+        return {"steps": len(self.steps), "resumed_at": start, "tokens": tokens_done, "wall_s": wall, "dropped_pairs": self.dropped_pairs,
                 "tokens_per_s": tokens_done / max(wall, 1e-9), "final": self.last_row}

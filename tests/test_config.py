@@ -352,19 +352,20 @@ def test_reference_markdown_rows_have_four_cells():
 def test_parse_args_in_process(model_dir, write_yaml, tmp_path):
     from spin_fast.train import parse_args
     p = write_yaml("train:\n  beta: 0.3\n  lr: 1.0e-6\n")
-    cfg = parse_args(["--model", str(model_dir), "--output", str(tmp_path / "out"), "--pairs", "a.jsonl",
-                      "--config", str(p), "--train.max_steps", "-1", "--lr", "2e-6", "--max-length=2048"])
-    assert cfg.model.path == str(model_dir) and cfg.data.pairs == ["a.jsonl"]
+    cfg, demo = parse_args(["--model", str(model_dir), "--output", str(tmp_path / "out"), "--pairs", "a.jsonl",
+                            "--config", str(p), "--train.max_steps", "-1", "--lr", "2e-6", "--max-length=2048"])
+    assert not demo and cfg.model.path == str(model_dir) and cfg.data.pairs == ["a.jsonl"]
     assert (cfg.train.beta, cfg.train.lr, cfg.train.max_steps, cfg.data.max_length) == (0.3, 2e-6, -1, 2048)
 
 
 @pytest.mark.parametrize("argv, match", [
-    ([], key_error("model.path") + " required"),
     (["--pairs", "a.jsonl"], key_error("model.path") + " required"),
+    (["--data.sft", "a.jsonl"], key_error("model.path") + " required"),
     (["--model", "MODEL", "--pairs", "a.jsonl"], key_error("output") + " required"),
-    (["--model", "MODEL", "--output", "OUT"], key_error("data.pairs") + " required"),
+    (["--model", "MODEL", "--output", "OUT"], key_error("data.sft") + " required"),
 ])
 def test_parse_args_required_keys(model_dir, argv, match):
+    # (no arguments at all is the built-in demo, not an error)
     from spin_fast.train import parse_args
     argv = [str(model_dir) if a == "MODEL" else a for a in argv]
     with pytest.raises(ValueError, match=match):
@@ -431,3 +432,9 @@ def test_cli_missing_model_names_model_path(capsys, monkeypatch):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: config model.path: required") and "--model" in err and "Traceback" not in err
+
+
+def test_readme_config_table_is_current():
+    # README's reference is generated from the dataclasses; regenerate it when a field changes
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert reference_markdown() in readme, "README.md config table is stale: paste reference_markdown() output"

@@ -14,15 +14,14 @@ from spin_fast import refcache
 from spin_fast.config import TrainCfg
 from spin_fast.loss import reference_token_logprobs
 from spin_fast.packing import IGNORE_INDEX
-from spin_fast.trainer import MetricsLog, Trainer, _dealable, lr_factor, plan_steps, prepare_model
+from spin_fast.trainer import MetricsLog, SpinTask, Trainer, _dealable, lr_factor, plan_steps, prepare_model
 
 from test_refcache import make_pairs, spin_rows, tiny_model
 
 
-def offsets_from(lengths):
-    off = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=off[1:])
-    return off
+def pair_tokens_of(lengths):
+    """(chosen, rejected) sequence lengths back to back -> tokens per pair."""
+    return np.asarray(lengths, dtype=np.int64).reshape(-1, 2).sum(1)
 
 
 # --- the step plan --------------------------------------------------------------------------------------------------
@@ -31,14 +30,13 @@ def offsets_from(lengths):
 @given(lengths=st.lists(st.integers(2, 60), min_size=16, max_size=80).filter(lambda x: len(x) % 2 == 0),
        tokens_per_step=st.integers(200, 900), seed=st.integers(0, 3), epochs=st.integers(1, 2))
 def test_plan_is_world_independent_and_complete(lengths, tokens_per_step, seed, epochs):
-    off = offsets_from(lengths)
-    pair_tokens = np.diff(off).reshape(-1, 2).sum(1)
+    off = pair_tokens = pair_tokens_of(lengths)           # (P,) tokens per pair
     budget = 128                                    # >= the longest pair (2 * 60)
     plans = {w: plan_steps(off, tokens_per_step=tokens_per_step, micro_batch_tokens=budget, world_size=w,
                            seed=seed, epochs=epochs) for w in (1, 2, 4)}
     for w, steps in plans.items():
         for epoch in range(epochs):
-            ids = np.concatenate([s.pairs for s in steps if s.epoch == epoch]).tolist()
+            ids = np.concatenate([s.units for s in steps if s.epoch == epoch]).tolist()
             (dropped,) = {s.dropped_in_epoch for s in steps if s.epoch == epoch}
             assert dropped < w and (w > 1 or dropped == 0)          # only a tail that cannot be dealt evenly
             assert len(set(ids)) == len(ids) and len(ids) + dropped == len(pair_tokens)   # the rest, once each
@@ -46,32 +44,32 @@ def test_plan_is_world_independent_and_complete(lengths, tokens_per_step, seed, 
             assert len(s.micro_batches) == w
             assert len({len(r) for r in s.micro_batches}) == 1                     # ranks step in lockstep
             flat = sorted(p for r in s.micro_batches for mb in r for p in mb)
-            assert flat == sorted(s.pairs.tolist())                               # no pair lost, none split
+            assert flat == sorted(s.units.tolist())                               # no pair lost, none split
             assert all(pair_tokens[mb].sum() <= budget for r in s.micro_batches for mb in r)
-            assert s.tokens == int(pair_tokens[s.pairs].sum())
-            assert len(s.pairs) >= w
+            assert s.tokens == int(pair_tokens[s.units].sum())
+            assert len(s.units) >= w
     # The global batches do not depend on the world size whenever one rank's steps can be dealt to w ranks as
     # they are (only a step of a few long pairs, fewer than w per micro-batch round, gets pairs added).
     for w in (2, 4):
-        if all(len(s.pairs) >= w and _dealable(s.pairs.tolist(), pair_tokens, budget, w) for s in plans[1]):
-            assert [s.pairs.tolist() for s in plans[w]] == [s.pairs.tolist() for s in plans[1]]
+        if all(len(s.units) >= w and _dealable(s.units.tolist(), pair_tokens, budget, w) for s in plans[1]):
+            assert [s.units.tolist() for s in plans[w]] == [s.units.tolist() for s in plans[1]]
 
 
 def test_plan_respects_token_budget_and_seed():
-    off = offsets_from([30] * 40)                         # 20 pairs of 60 tokens
+    off = pair_tokens_of([30] * 40)                         # 20 pairs of 60 tokens
     steps = plan_steps(off, tokens_per_step=300, micro_batch_tokens=128, world_size=1, seed=0, epochs=1)
-    assert [len(s.pairs) for s in steps] == [5, 5, 5, 5]
+    assert [len(s.units) for s in steps] == [5, 5, 5, 5]
     assert all(s.tokens <= 300 for s in steps)
     other = plan_steps(off, tokens_per_step=300, micro_batch_tokens=128, world_size=1, seed=1, epochs=1)
-    assert [s.pairs.tolist() for s in other] != [s.pairs.tolist() for s in steps]
+    assert [s.units.tolist() for s in other] != [s.units.tolist() for s in steps]
     two = plan_steps(off, tokens_per_step=300, micro_batch_tokens=128, world_size=1, seed=0, epochs=2)
-    assert [s.pairs.tolist() for s in two[:4]] == [s.pairs.tolist() for s in steps]
+    assert [s.units.tolist() for s in two[:4]] == [s.units.tolist() for s in steps]
     assert len(plan_steps(off, tokens_per_step=300, micro_batch_tokens=128, world_size=1, seed=0, epochs=2,
                           max_steps=3)) == 3
 
 
 def test_plan_errors_name_the_problem():
-    off = offsets_from([30, 30, 100, 90])
+    off = pair_tokens_of([30, 30, 100, 90])
     with pytest.raises(ValueError, match=r"pair 1 has 190 tokens, more than train.micro_batch_tokens=128"):
         plan_steps(off, tokens_per_step=300, micro_batch_tokens=128, world_size=1, seed=0, epochs=1)
     with pytest.raises(ValueError, match="2 training pairs cannot be spread over 3 ranks"):
@@ -105,7 +103,8 @@ def build(tmp_path, cfg, model=None, ref_model=None, rows=12):
     model = model if model is not None else tiny_model()
     ref_c, ref_r = refcache.compute_ref_logps(ref_model if ref_model is not None else model, pairs)
     prepare_model(model, cfg, distributed=False, compute_dtype=torch.float32)
-    return Trainer(model, pairs, ref_c, ref_r, cfg, seed=0, device=torch.device("cpu"), distributed=False), pairs
+    task = SpinTask(pairs, ref_c, ref_r, cfg, torch.device("cpu"))
+    return Trainer(model, task, cfg, seed=0, device=torch.device("cpu"), distributed=False), pairs
 
 
 def naive_step_loss(model, ref_c, ref_r, pairs, pair_ids, beta, loss_type="sigmoid"):
@@ -137,14 +136,14 @@ def test_step_gradient_is_gradient_of_mean_step_loss(tmp_path, loss_type, micro_
     assert len(step.micro_batches[0]) == (1 if micro_batch_tokens == 600 else len(step.micro_batches[0]))
     if micro_batch_tokens == 200:
         assert len(step.micro_batches[0]) > 1
-    vec = sum(trainer._micro_batch(mb, len(step.pairs)) for mb in step.micro_batches[0])
+    vec = sum(trainer._micro_batch(mb, len(step.units)) for mb in step.micro_batches[0])
     got = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
 
     oracle = copy.deepcopy(trainer.model)
     oracle.zero_grad(set_to_none=True)
     for blk in oracle.layers:
         blk.checkpoint_activations = False
-    loss = naive_step_loss(oracle, trainer.ref_chosen, trainer.ref_rejected, pairs, step.pairs.tolist(),
+    loss = naive_step_loss(oracle, trainer.task.ref_chosen, trainer.task.ref_rejected, pairs, step.units.tolist(),
                            cfg.beta, loss_type)
     loss.backward()
     torch.testing.assert_close(vec[0], loss.detach(), atol=1e-5, rtol=1e-5)
@@ -193,4 +192,5 @@ def test_bad_pair_tokens_are_refused(tmp_path):
     ref = torch.zeros(pairs.num_pairs)
     pairs.tokens[3] = 999                                     # beyond the 256-entry vocabulary
     with pytest.raises(ValueError, match="vocabulary has 256 entries"):
-        Trainer(model, pairs, ref, ref, cfg, seed=0, device=torch.device("cpu"), distributed=False)
+        Trainer(model, SpinTask(pairs, ref, ref, cfg, torch.device("cpu")), cfg, seed=0, device=torch.device("cpu"),
+                distributed=False)

@@ -1,0 +1,172 @@
+"""The SPIN loop: per iteration t, generate (opponent π_t) -> reference cache -> train -> OUTPUT/iter{t}/ = π_{t+1}.
+
+    OUTPUT/data/train.jsonl, heldout.jsonl   the SFT rows, split once (seeded) and reused on resume
+    OUTPUT/sft/                              optional SFT phase before iteration 0 (sft.epochs > 0)
+    OUTPUT/iter{t}.work/                     generated.jsonl (+ _heldout), ref caches, checkpoints: resumable state
+    OUTPUT/iter{t}/                          the trained model (HF folder), metrics.jsonl, summary.json
+
+An iteration's folder is written as iter{t}.tmp and renamed when complete (summary.json last), so a half-written
+one is never taken for a finished one. With `resume`, finished iterations are skipped, generation continues its
+partial file, a matching reference cache is reused and training continues from its last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config, to_dict
+from .data import concat_pairs, load_pairs, read_rows
+from .phases import generate_phase, sft_phase, train_phase
+from .runtime import Runtime
+
+log = logging.getLogger("spin_fast.loop")
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        torch.distributed.barrier()
+
+
+def split_sft(cfg: Config, out: Path, rt: Runtime) -> tuple[Path, Path | None]:
+    """OUTPUT/data/{train,heldout}.jsonl from data.sft: `loop.heldout` rows drawn with the seed, the rest train."""
+    folder = out / "data"
+    train, held = folder / "train.jsonl", folder / "heldout.jsonl"
+    if rt.is_main and not train.is_file():
+        rows = [row for path in cfg.data.sft for _, row in read_rows(path)]
+        n_held = min(cfg.loop.heldout, max(0, len(rows) - 1))
+        order = np.random.default_rng([cfg.seed, 7]).permutation(len(rows))
+        held_ids = set(order[:n_held].tolist())
+        folder.mkdir(parents=True, exist_ok=True)
+        for path, keep in ((held, lambda i: i in held_ids), (train, lambda i: i not in held_ids)):
+            tmp = path.with_suffix(".tmp")
+            with tmp.open("w", encoding="utf-8") as f:
+                for i, row in enumerate(rows):
+                    if keep(i):
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            os.replace(tmp, path)
+    _barrier(rt)
+    return train, (held if held.is_file() and held.stat().st_size > 0 else None)
+
+
+def _finished(folder: Path) -> bool:
+    return (folder / "summary.json").is_file()
+
+
+def _publish(rt: Runtime, tmp: Path, final: Path, summary: dict) -> None:
+    """summary.json into tmp, then tmp -> final (rank 0), everyone waits."""
+    if rt.is_main:
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    _barrier(rt)
+
+
+def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
+    """Every iteration; returns their summaries. evaluate(model_dir) -> dict: an extra per-iteration metric
+    (the demo's exact-match accuracy), called on every rank."""
+    out = Path(cfg.output)
+    if rt.is_main and (out / "loop.json").is_file() and not cfg.resume:
+        raise ValueError(f"output {out} already holds a SPIN run (loop.json): pass --resume to continue it, or "
+                         f"choose a new --output")
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "loop.json").write_text(json.dumps({"config": to_dict(cfg)}, indent=2) + "\n")
+    train_file, held_file = split_sft(cfg, out, rt)
+    data_opts = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                     chat_template=cfg.data.chat_template, skip_bad_rows=cfg.data.skip_bad_rows)
+    opponent = Path(cfg.model.path)
+    summaries = []
+
+    if cfg.sft.epochs > 0:                                        # supervised start (the demo: from scratch)
+        sft_dir = out / "sft"
+        if not _finished(sft_dir):
+            from .sft import load_sft_sequences
+            seqs, _ = load_sft_sequences(train_file, tokenizer, **data_opts)
+            tmp = out / "sft.tmp"
+            s = sft_phase(cfg, rt, model_dir=opponent, out_dir=tmp, seqs=seqs, train_cfg=sft_train_cfg(cfg))
+            if evaluate is not None:
+                s["eval"] = evaluate(tmp)
+            _publish(rt, tmp, sft_dir, {"phase": "sft", **s})
+        opponent = sft_dir
+        summaries.append(json.loads((sft_dir / "summary.json").read_text()))
+
+    if cfg.loop.start_iteration > 0:
+        opponent = out / f"iter{cfg.loop.start_iteration - 1}"
+        if not _finished(opponent):
+            raise ValueError(f"loop.start_iteration={cfg.loop.start_iteration}: its opponent {opponent} is not a "
+                             f"finished iteration")
+    for t in range(cfg.loop.start_iteration, cfg.loop.iterations):
+        final, work, tmp = out / f"iter{t}", out / f"iter{t}.work", out / f"iter{t}.tmp"
+        if _finished(final):                                      # resume: done earlier
+            summaries.append(json.loads((final / "summary.json").read_text()))
+            opponent = final
+            continue
+        t_iter = time.perf_counter()
+        if rt.is_main:
+            work.mkdir(parents=True, exist_ok=True)
+        _barrier(rt)
+        # 1. generation: the opponent answers every training (and held-out) prompt
+        seed = cfg.seed * 1000 + t
+        gen = generate_phase(cfg, rt, model_dir=opponent, data=train_file, out=work / "generated.jsonl", seed=seed)
+        gen_held = None
+        if held_file is not None:
+            gen_held = generate_phase(cfg, rt, model_dir=opponent, data=held_file,
+                                      out=work / "generated_heldout.jsonl", seed=seed)
+        # 2. pairs: human answer (chosen) vs the opponent's (rejected); + iteration t-1's pairs when mixing
+        pairs, bad = load_pairs(train_file, tokenizer, generated=work / "generated.jsonl", **data_opts)
+        if cfg.loop.mix_previous and t >= 1 and (out / f"iter{t - 1}.work" / "generated.jsonl").is_file():
+            prev, _ = load_pairs(train_file, tokenizer, generated=out / f"iter{t - 1}.work" / "generated.jsonl",
+                                 **data_opts)
+            pairs = concat_pairs(pairs, prev)
+        heldout = None
+        if held_file is not None:
+            heldout, _ = load_pairs(held_file, tokenizer, generated=work / "generated_heldout.jsonl", **data_opts)
+        # 3. reference cache + training -> iter{t}.tmp
+        s = train_phase(cfg, rt, model_dir=opponent, out_dir=tmp, pairs=pairs, tokenizer=tokenizer,
+                        heldout=heldout, cache_path=work / "ref_logps.safetensors", checkpoint_dir=work / "ckpt")
+        wall = time.perf_counter() - t_iter
+        gen_tokens = gen["new_tokens"] + (gen_held["new_tokens"] if gen_held else 0)
+        gen_s = gen["wall_s"] + (gen_held["wall_s"] if gen_held else 0.0)
+        summary = {"phase": "spin", "iteration": t, "opponent": str(opponent), **s,
+                   "generate": {"prompts": gen["generated"] + gen["already_done"], "new_tokens": gen_tokens,
+                                "wall_s": gen_s, "tokens_per_s": gen_tokens / max(gen_s, 1e-9),
+                                "finish_reasons": gen["finish_reasons"], "resumed_rows": gen["already_done"]},
+                   "iteration_wall_s": wall,
+                   # end to end: the SPIN data this iteration produced and trained on, per second of the iteration
+                   "iteration_tokens_per_s": s["train"]["tokens"] / max(wall, 1e-9),
+                   "bad_rows": len(bad)}
+        if evaluate is not None:
+            summary["eval"] = evaluate(tmp)
+        _publish(rt, tmp, final, summary)
+        if rt.is_main:
+            shutil.rmtree(work / "ckpt", ignore_errors=True)      # the finished model supersedes its checkpoints
+            held = summary["heldout"] or {}
+            log.info("iteration %d: %.0f s; train loss %.4f; held-out accuracy %s, mean margin %s%s", t, wall,
+                     summary["train"]["final"].get("loss", float("nan")), held.get("accuracy"),
+                     held.get("mean_margin"), f"; eval {summary['eval']}" if "eval" in summary else "")
+        summaries.append(summary)
+        opponent = final
+        held = summary.get("heldout") or {}
+        if cfg.loop.convergence_threshold > 0 and held and abs(held["mean_margin"]) < cfg.loop.convergence_threshold:
+            if rt.is_main:
+                log.info("converged: held-out mean margin %.4g < loop.convergence_threshold %.4g; stopping",
+                         held["mean_margin"], cfg.loop.convergence_threshold)
+            break
+    return summaries
+
+
+def sft_train_cfg(cfg: Config):
+    """The TrainCfg of the SFT phase: cfg.train with the sft section's optimizer settings."""
+    import dataclasses
+    s = cfg.sft
+    return dataclasses.replace(cfg.train, epochs=s.epochs, lr=s.lr, optimizer=s.optimizer,
+                               lr_schedule=s.lr_schedule, warmup_ratio=s.warmup_ratio,
+                               tokens_per_step=s.tokens_per_step, max_steps=-1)

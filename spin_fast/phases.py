@@ -1,0 +1,159 @@
+"""The phases of a SPIN iteration on an initialised runtime: generation, reference cache + training, SFT.
+
+Each takes the opponent's HF folder and an output folder and returns its summary dict (tokens, wall time,
+tokens/s). They are what `torchrun -m spin_fast.train --pairs ...` runs alone (training phase) and what loop.py
+chains per iteration.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from . import refcache
+from .config import Config
+from .hf_io import load_model, save_model
+from .runtime import Runtime
+from .trainer import MetricsLog, SpinTask, Trainer, compute_dtype_for, gather_full_state_dict, prepare_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger("spin_fast.train")
+
+
+def _save_dtype(cfg: Config, model_dir: Path, master: torch.dtype) -> torch.dtype:
+    if cfg.model.save_dtype != "auto":
+        return DTYPES[cfg.model.save_dtype]
+    hf = json.loads((model_dir / "config.json").read_text())
+    return DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"), master)
+
+
+def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pairs, tokenizer, heldout=None,
+                cache_path: Path | None = None, checkpoint_dir: Path | None = None) -> dict:
+    """Reference cache + training of one SPIN iteration; writes the HF folder and metrics into out_dir.
+    heldout: a PairSet of held-out prompts (human answer vs the opponent's): after training, the discriminator
+    check. checkpoint_dir: resume from / save checkpoints there (cfg.train.checkpoint_every).
+    Returns the phase summary (also what summary.json holds)."""
+    master = DTYPES[cfg.model.dtype]
+    model = load_model(model_dir, device=rt.device, dtype=master, attn_backend=cfg.model.attn_backend)
+    compute_dtype = compute_dtype_for(cfg.model.mixed_precision, rt.device, master)
+    prepare_model(model, cfg.train, distributed=rt.distributed, compute_dtype=compute_dtype)
+
+    # 1. reference log-probs of the opponent (= these very weights, before the first step), once per iteration
+    t0 = time.perf_counter()
+    if cache_path is None:
+        cache_path = Path(cfg.ref_cache) if cfg.ref_cache else out_dir / "ref_logps.safetensors"
+    cache_opts = dict(weights_fingerprint=refcache.folder_fingerprint(model_dir),
+                      token_budget=cfg.train.micro_batch_tokens, impl=cfg.train.impl,
+                      memory_budget_bytes=cfg.train.logits_budget_mib << 20, lockstep=rt.distributed,
+                      compute_dtype=compute_dtype)
+    ref = refcache.get_or_build(cache_path, model, pairs, tokenizer, **cache_opts)
+    held_ref = None
+    if heldout is not None:
+        held_ref = refcache.get_or_build(cache_path.with_name(cache_path.stem + "_heldout.safetensors"), model,
+                                         heldout, tokenizer, **cache_opts)
+    cache_s = time.perf_counter() - t0
+    total_tokens = int(pairs.seq_offsets[-1])
+    if rt.is_main:
+        log.info("reference cache %s: %s (%s), %.1f s", cache_path, ref.status, ref.reason, cache_s)
+
+    # 2. training
+    metrics = None
+    resuming = checkpoint_dir is not None and (Path(checkpoint_dir) / "latest").is_file()
+    if rt.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tb" if cfg.train.tensorboard else None)
+    task = SpinTask(pairs, ref.chosen, ref.rejected, cfg.train, rt.device)
+    trainer = Trainer(model, task, cfg.train, seed=cfg.seed, device=rt.device, distributed=rt.distributed,
+                      metrics=metrics)
+    result = trainer.train(checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.train.checkpoint_every)
+    if metrics is not None:
+        metrics.close()
+    held = heldout_check(model, heldout, held_ref, cfg) if heldout is not None else None
+
+    # 3. the trained policy as an HF folder
+    t1 = time.perf_counter()
+    state = gather_full_state_dict(model, rt.distributed)
+    if rt.is_main:
+        save_model(model, out_dir, source_dir=model_dir, state_dict=state, dtype=_save_dtype(cfg, model_dir, master))
+    save_s = time.perf_counter() - t1
+    return {
+        "pairs": pairs.num_pairs, "world_size": rt.world, "device": str(rt.device),
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "cache": {"status": ref.status, "reason": ref.reason, "path": str(cache_path), "tokens": total_tokens,
+                  "wall_s": cache_s, "tokens_per_s": total_tokens / max(cache_s, 1e-9)},
+        "train": {"steps": result["steps"], "tokens": result["tokens"], "wall_s": result["wall_s"],
+                  "dropped_pairs": result["dropped_pairs"],
+                  "tokens_per_s": result["tokens_per_s"], "final": result["final"]},
+        "save_s": save_s,
+        "heldout": held,
+    }
+
+
+def heldout_check(model, heldout, ref, cfg) -> dict:
+    """The discriminator on held-out prompts: margin_p = β[(log π_θ(y) − log π_t(y)) − (log π_θ(y') − log π_t(y'))]
+    with y the human answer and y' the opponent's own; the fraction of pairs with margin > 0 (π_θ tells the human
+    answer from the opponent's) and the mean margin. Near 0.5 / 0: the opponent can no longer be told apart."""
+    chosen, rejected = refcache.compute_ref_logps(model, heldout, token_budget=cfg.train.micro_batch_tokens,
+                                                  impl=cfg.train.impl, memory_budget_bytes=cfg.train.logits_budget_mib
+                                                  << 20, lockstep=torch.distributed.is_initialized())
+    margin = cfg.train.beta * ((chosen - ref.chosen) - (rejected - ref.rejected))            # (P,)
+    return {"pairs": heldout.num_pairs, "accuracy": float((margin > 0).float().mean()),
+            "mean_margin": float(margin.mean())}
+
+
+def generate_phase(cfg: Config, rt: Runtime, *, model_dir: Path, data: Path, out: Path, seed: int) -> dict:
+    """The opponent's responses to every prompt of `data` into `out` (spin_fast.generate; resumable: prompts
+    already in `out` are skipped)."""
+    from . import generate
+    g = cfg.generate
+    argv = ["--model", str(model_dir), "--data", str(data), "--output", str(out), "--max-new-tokens",
+            str(g.max_new_tokens), "--temperature", str(g.temperature), "--top-p", str(g.top_p), "--top-k",
+            str(g.top_k), "--batch-size", str(g.batch_size), "--seed", str(seed), "--max-prompt-length",
+            str(cfg.data.max_prompt_length), "--attn-backend", cfg.model.attn_backend]
+    if g.dtype != "auto":
+        argv += ["--dtype", g.dtype]
+    if cfg.data.chat_template:
+        argv += ["--chat-template", cfg.data.chat_template]
+    if cfg.data.skip_bad_rows:
+        argv += ["--skip-bad-rows"]
+    if not cfg.train.progress:
+        argv += ["--no-progress"]
+    args = generate.parse_args(argv)
+    args.device = str(rt.device)
+    t0 = time.perf_counter()
+    summary = generate.run(args, rt)
+    summary["wall_s"] = time.perf_counter() - t0
+    return summary
+
+
+def sft_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, seqs, train_cfg=None) -> dict:
+    """Supervised fine-tuning (cross-entropy on response tokens) with the same packed path; writes an HF folder
+    and metrics.jsonl into out_dir. train_cfg: the TrainCfg to use (default cfg.train)."""
+    from .sft import SftTask
+    tcfg = train_cfg or cfg.train
+    master = DTYPES[cfg.model.dtype]
+    model = load_model(model_dir, device=rt.device, dtype=master, attn_backend=cfg.model.attn_backend)
+    compute_dtype = compute_dtype_for(cfg.model.mixed_precision, rt.device, master)
+    prepare_model(model, tcfg, distributed=rt.distributed, compute_dtype=compute_dtype)
+    metrics = None
+    if rt.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        metrics = MetricsLog(out_dir / "metrics.jsonl")
+    trainer = Trainer(model, SftTask(seqs, tcfg, rt.device), tcfg, seed=cfg.seed, device=rt.device,
+                      distributed=rt.distributed, metrics=metrics)
+    result = trainer.train()
+    if metrics is not None:
+        metrics.close()
+    state = gather_full_state_dict(model, rt.distributed)
+    if rt.is_main:
+        save_model(model, out_dir, source_dir=model_dir, state_dict=state, dtype=_save_dtype(cfg, model_dir, master))
+    return {"sequences": seqs.num_sequences, "steps": result["steps"], "tokens": result["tokens"],
+            "wall_s": result["wall_s"], "tokens_per_s": result["tokens_per_s"], "final": result["final"]}
+
+

@@ -1,0 +1,127 @@
+"""The SFT phase: the same packed forward and log-prob kernels, with the cross-entropy loss.
+
+An optional phase before SPIN's iteration 0 (the built-in demo trains its tiny model from scratch with it; the
+loop's continued-SFT baseline reuses it). Units are single (prompt, response) sequences; a step's loss is
+
+    loss_step = -(1 / R_step) Σ_{response tokens t of the step, all ranks} log π_θ(y_t | y_<t, x)
+
+with R_step the step's global number of response tokens (host-known from the data), so micro-batches and ranks
+add up to one mean, as in trainer.py. log π comes from kernels.linear_logprobs on the response tokens only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .chat import render_prompt_response
+from .data import BadRow, _check_conversation, read_rows
+from .kernels import linear_logprobs
+from .packing import IGNORE_INDEX
+
+SFT_METRICS = ("loss", "response_tokens")
+
+
+@dataclass
+class SequenceSet:
+    """(prompt, response) sequences back to back: sequence s = tokens[seq_offsets[s]:seq_offsets[s+1]]."""
+    tokens: np.ndarray         # (T,) int32
+    seq_offsets: np.ndarray    # (S+1,) int64
+    prompt_lens: np.ndarray    # (S,) int64
+    locs: list[str]
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.locs)
+
+
+def load_sft_sequences(paths, tokenizer, *, max_length: int, max_prompt_length: int, chat_template=None,
+                       skip_bad_rows: bool = False) -> tuple[SequenceSet, list[str]]:
+    """ultrachat-schema rows (`messages` ending on the assistant answer) -> rendered, truncated sequences
+    (the prompt keeps its end, the response its start, as for pairs). Bad rows: ValueError naming file:row, or
+    skipped and returned with skip_bad_rows."""
+    chunks, lens, plens, locs, bad = [], [], [], [], []
+    for path in ([paths] if isinstance(paths, (str, Path)) else paths):
+        for loc, row in read_rows(path):
+            try:
+                if not isinstance(row, dict) or row.get("messages") is None:
+                    raise BadRow(f"{loc}: an SFT row needs a 'messages' list ending on the assistant answer")
+                conv = _check_conversation(loc, "messages", row["messages"], end="assistant")
+                if len(conv) < 2:
+                    raise BadRow(f"{loc}: field 'messages' has no prompt turn before the assistant answer")
+                try:
+                    ids, plen = render_prompt_response(tokenizer, conv[:-1], conv[-1]["content"], chat_template)
+                except ValueError as e:
+                    if "no chat template" in str(e):
+                        raise
+                    raise BadRow(f"{loc}: {e}") from None
+                if plen > max_prompt_length:
+                    ids, plen = ids[plen - max_prompt_length:], max_prompt_length
+                ids = ids[:max_length]
+                if len(ids) <= plen:
+                    raise BadRow(f"{loc}: no response token left within max_length={max_length}")
+            except BadRow as e:
+                if not skip_bad_rows:
+                    raise
+                bad.append(str(e))
+                continue
+            chunks.append(np.asarray(ids, dtype=np.int32))
+            lens.append(len(ids))
+            plens.append(plen)
+            locs.append(loc)
+    if not locs:
+        raise ValueError(f"no usable SFT rows in {paths}" + (f" (first bad row: {bad[0]})" if bad else ""))
+    off = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=off[1:])
+    return SequenceSet(np.concatenate(chunks), off, np.asarray(plens, dtype=np.int64), locs), bad
+
+
+def collate_sequences(ids, tokens, seq_offsets, prompt_lens) -> dict[str, np.ndarray]:
+    """Packed arrays for sequences `ids` (no padding): input_ids, position_ids, cu_seqlens, targets (the next token
+    on response positions, IGNORE_INDEX elsewhere and at each sequence's last token)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    starts, ends = seq_offsets[ids], seq_offsets[ids + 1]
+    lens = ends - starts                                                                  # (S,)
+    cu = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(lens, out=cu[1:])
+    n = int(cu[-1])
+    local = np.arange(n) - np.repeat(cu[:-1], lens)                                       # (N,) position
+    flat = np.repeat(starts, lens) + local                                                # (N,) index in tokens
+    input_ids = tokens[flat].astype(np.int64)
+    targets = np.full(n, IGNORE_INDEX, dtype=np.int64)
+    plen = np.repeat(prompt_lens[ids], lens)
+    scored = (local >= plen - 1) & (local < np.repeat(lens, lens) - 1)                    # predicts a response token
+    targets[scored] = tokens[flat[scored] + 1]
+    return {"input_ids": input_ids, "position_ids": local.astype(np.int64), "cu_seqlens": cu.astype(np.int32),
+            "targets": targets, "scored": np.flatnonzero(scored)}
+
+
+class SftTask:
+    """Cross-entropy on response tokens; units are sequences, the normalizer the step's response-token count."""
+    metric_names = SFT_METRICS
+    unit_name = "sequences"
+
+    def __init__(self, seqs: SequenceSet, cfg, device: torch.device):
+        self.seqs, self.cfg, self.device = seqs, cfg, device
+        self.tokens = seqs.tokens
+        self.unit_tokens = np.diff(seqs.seq_offsets)                                      # (S,)
+        self.response_tokens = self.unit_tokens - seqs.prompt_lens                        # (S,) scored per sequence
+
+    def normalizer(self, unit_ids: np.ndarray) -> float:
+        return float(self.response_tokens[unit_ids].sum())
+
+    def micro_batch(self, model, seq_ids: list[int], normalizer: float) -> torch.Tensor:
+        s = self.seqs
+        host = collate_sequences(seq_ids, s.tokens, s.seq_offsets, s.prompt_lens)
+        max_seqlen = int(np.diff(host["cu_seqlens"]).max())
+        scored = torch.from_numpy(host["scored"]).to(self.device)                         # (R,)
+        b = {k: torch.from_numpy(v).to(self.device) for k, v in host.items() if k != "scored"}
+        hidden = model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen)   # (N, H)
+        logps = linear_logprobs(hidden[scored], model.lm_head_weight, b["targets"][scored], impl=self.cfg.impl,
+                                memory_budget_bytes=self.cfg.logits_budget_mib << 20, check_values=False)  # (R,)
+        loss = -logps.sum() / normalizer
+        loss.backward()
+        share = torch.tensor(float(len(host["scored"])), device=self.device)
+        return torch.stack([loss.detach().float(), share])                                # (2,)

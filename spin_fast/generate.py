@@ -25,7 +25,7 @@ import torch
 from .chat import render_prompt
 from .data import load_prompts
 from .hf_io import load_model
-from .runtime import init_runtime, run_main, shutdown
+from .runtime import fault_point, init_runtime, run_main, shutdown
 from .sampler import Sampler, SamplingParams, generate_sharded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -177,6 +177,7 @@ def run(args, rt) -> dict:
             n_tokens += len(g.token_ids)
             f.write(json.dumps(row_of(r, g), ensure_ascii=False) + "\n")
             f.flush()
+            fault_point("generate", sum(reasons.values()))
         if world == 1:
             # stream in input order: buffer completions until the next row in order is there
             pending, nxt = {}, 0

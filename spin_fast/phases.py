@@ -80,6 +80,8 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
     state = gather_full_state_dict(model, rt.distributed)
     if rt.is_main:
         save_model(model, out_dir, source_dir=model_dir, state_dict=state, dtype=_save_dtype(cfg, model_dir, master))
+    if rt.distributed:
+        torch.distributed.barrier()        # the folder is complete before any rank reads it
     save_s = time.perf_counter() - t1
     return {
         "pairs": pairs.num_pairs, "world_size": rt.world, "device": str(rt.device),
@@ -87,7 +89,7 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
         "cache": {"status": ref.status, "reason": ref.reason, "path": str(cache_path), "tokens": total_tokens,
                   "wall_s": cache_s, "tokens_per_s": total_tokens / max(cache_s, 1e-9)},
         "train": {"steps": result["steps"], "tokens": result["tokens"], "wall_s": result["wall_s"],
-                  "dropped_pairs": result["dropped_pairs"],
+                  "dropped_pairs": result["dropped_pairs"], "resumed_at": result["resumed_at"],
                   "tokens_per_s": result["tokens_per_s"], "final": result["final"]},
         "save_s": save_s,
         "heldout": held,
@@ -153,6 +155,8 @@ def sft_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, seqs,
     state = gather_full_state_dict(model, rt.distributed)
     if rt.is_main:
         save_model(model, out_dir, source_dir=model_dir, state_dict=state, dtype=_save_dtype(cfg, model_dir, master))
+    if rt.distributed:
+        torch.distributed.barrier()        # the folder is complete before any rank reads it
     return {"sequences": seqs.num_sequences, "steps": result["steps"], "tokens": result["tokens"],
             "wall_s": result["wall_s"], "tokens_per_s": result["tokens_per_s"], "final": result["final"]}
 

@@ -29,6 +29,7 @@ import torch
 
 from .kernels import linear_logprobs
 from .packing import IGNORE_INDEX, collate, pair_token_counts, plan_micro_batches, to_torch
+from .runtime import fault_point
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ def compute_ref_logps(model, pairs, *, token_budget: int | None = None, impl: st
     rejected = torch.zeros(num_pairs, dtype=torch.float32, device=device)        # (P,)
     was_training = model.training
     model.eval()
+    done = 0
     try:
         for mb in mine:
             host = collate(mb, pairs.tokens, pairs.seq_offsets, pairs.prompt_lens)
@@ -188,6 +190,8 @@ def compute_ref_logps(model, pairs, *, token_budget: int | None = None, impl: st
                 0, b["seq_index"][scored], tok.float())                                                 # (S,)
             chosen[b["pair_ids"]] = seq[b["chosen_index"]]
             rejected[b["pair_ids"]] = seq[b["rejected_index"]]
+            done += 1
+            fault_point("cache", done)
     finally:
         model.train(was_training)
         if hasattr(model, "reshard"):

@@ -80,3 +80,15 @@ def run_main(main) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def fault_point(phase: str, count: int) -> None:
+    """Crash-test hook: with SPIN_FAST_FAULT="phase:count" in the environment, SIGKILL this process when `phase`
+    reaches `count` (rows generated, cache micro-batches, optimizer steps). Lets the resume tests kill a run at an
+    exact point of each phase, deterministically; a no-op otherwise (one dict lookup)."""
+    want = os.environ.get("SPIN_FAST_FAULT")
+    if want and want == f"{phase}:{count}":
+        import signal
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)

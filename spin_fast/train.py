@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
     evaluate = None
     if demo:
-        from .demo import prepare_demo
+        from .demo_run import prepare_demo
         cfg, evaluate = prepare_demo(cfg, rt)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     if cfg.data.pairs:
@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
         from .loop import run_loop
         summary = {"iterations": run_loop(cfg, rt, tokenizer, evaluate)}
         if demo:
-            from .demo import finish_demo
+            from .demo_run import finish_demo
             summary["demo"] = finish_demo(cfg, rt, tokenizer, summary["iterations"], evaluate)
     shutdown(rt)
     return summary

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from .kernels import spin_loss_from_hidden
 from .packing import collate, pair_token_counts, plan_micro_batches, to_torch
+from .runtime import fault_point
 
 METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected")
@@ -394,6 +395,7 @@ class Trainer:
                 window, t_window = [], time.perf_counter()
             if save_now:
                 checkpoint.save(checkpoint_dir, i + 1, self.model, self.optimizer, self.scheduler, plan)
+            fault_point("train", i + 1)
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -1,0 +1,138 @@
+"""The built-in demo run: `torchrun --nproc_per_node=2 -m spin_fast.train` with no model and no data.
+
+1. prepare_demo: writes OUTPUT/demo_assets/ (a character tokenizer, a random 89k-parameter Llama, and
+   n_train + n_heldout rows of the string-transformation task in demo.py) and points the config at them:
+   an SFT phase from scratch (sft.epochs), then loop.iterations SPIN iterations; the loop holds out
+   loop.heldout rows (its discriminator check and the exact-match accuracy here).
+2. The loop runs as for any model (generation, cache, training), calling `evaluate` on every finished model:
+   greedy exact match on the held-out rows.
+3. finish_demo: the paper's ablation, continued SFT for the same compute: from the SFT model, one more SFT round
+   per SPIN iteration on as many tokens as that iteration trained on; prints and writes OUTPUT/demo.json.
+
+Every demo default below can be overridden like any key (`--loop.iterations 2 --sft.epochs 5 ...`): the demo only
+fills in keys the user left at their defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+from . import demo
+from .config import Config, TrainCfg
+from .runtime import Runtime
+
+log = logging.getLogger("spin_fast.demo")
+
+N_TRAIN, N_HELDOUT = 3000, 300
+# key -> demo value, applied only where the user kept the library default
+DEMO_DEFAULTS = {
+    ("data", "max_length"): 48, ("data", "max_prompt_length"): 24,
+    ("generate", "max_new_tokens"): 20, ("generate", "temperature"): 1.0, ("generate", "batch_size"): 256,
+    ("sft", "epochs"): 10, ("sft", "lr"): 3e-3, ("sft", "tokens_per_step"): 2048,
+    ("train", "optimizer"): "adamw", ("train", "lr"): 3e-4, ("train", "beta"): 0.1, ("train", "epochs"): 2,
+    ("train", "warmup_ratio"): 0.1, ("train", "tokens_per_step"): 4096, ("train", "micro_batch_tokens"): 2048,
+    ("train", "max_grad_norm"): 1.0, ("loop", "iterations"): 3, ("loop", "heldout"): N_HELDOUT,
+    ("loop", "continued_sft_baseline"): True,
+}
+
+
+def _apply_defaults(cfg: Config) -> Config:
+    fresh = Config()
+    for (section, key), value in DEMO_DEFAULTS.items():
+        if getattr(getattr(cfg, section), key) == getattr(getattr(fresh, section), key):
+            setattr(getattr(cfg, section), key, value)
+    return cfg.validate()
+
+
+def prepare_demo(cfg: Config, rt: Runtime):
+    """(config pointing at the demo's model and data, evaluate(model_dir) -> dict)."""
+    import torch
+    cfg = _apply_defaults(cfg)
+    out = Path(cfg.output)
+    assets = out / "demo_assets"
+    if rt.is_main and not (assets / "model" / "config.json").is_file():
+        tmp = out / "demo_assets.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        rows = demo.make_rows(N_TRAIN + cfg.loop.heldout, seed=cfg.seed)
+        demo.write_jsonl(tmp / "rows.jsonl", rows)
+        tok = demo.build_tokenizer(tmp / "model")
+        demo.init_model(tmp / "model", tok, hidden=64, layers=2, heads=4, seed=cfg.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, assets)
+    if rt.distributed:
+        torch.distributed.barrier()
+    cfg.model.path = str(assets / "model")
+    cfg.data.sft = [str(assets / "rows.jsonl")]
+    if rt.is_main:
+        log.info("demo: %d task rows (%d held out), tiny Llama in %s; SFT %d epochs, then %d SPIN iterations",
+                 N_TRAIN + cfg.loop.heldout, cfg.loop.heldout, assets, cfg.sft.epochs, cfg.loop.iterations)
+    return cfg, lambda model_dir: evaluate(cfg, rt, Path(model_dir))
+
+
+def evaluate(cfg: Config, rt: Runtime, model_dir: Path) -> dict:
+    """Greedy exact match of `model_dir` on the loop's held-out rows (every rank: the prompts are sharded)."""
+    from transformers import AutoTokenizer
+
+    from .data import read_rows
+    from .hf_io import load_model
+    rows = [r for _, r in read_rows(Path(cfg.output) / "data" / "heldout.jsonl")]
+    model = load_model(model_dir, device=rt.device)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    res = demo.exact_match(model, tok, rows, max_new_tokens=cfg.generate.max_new_tokens)
+    return {"accuracy": res["accuracy"], "n": res["n"], "by_kind": res["by_kind"]}
+
+
+def finish_demo(cfg: Config, rt: Runtime, tokenizer, summaries: list[dict], evaluate) -> dict:
+    """The continued-SFT baseline for the same tokens per iteration, then the per-iteration table."""
+    from .loop import _finished, _publish, sft_train_cfg
+    from .phases import sft_phase
+    from .sft import load_sft_sequences
+    out = Path(cfg.output)
+    sft = next((s for s in summaries if s.get("phase") == "sft"), None)
+    spin = [s for s in summaries if s.get("phase") == "spin"]
+    baseline = []
+    if cfg.loop.continued_sft_baseline and sft is not None:
+        seqs, _ = load_sft_sequences(out / "data" / "train.jsonl", tokenizer, max_length=cfg.data.max_length,
+                                     max_prompt_length=cfg.data.max_prompt_length)
+        prev = out / "sft"
+        tokens_per_epoch = int(seqs.seq_offsets[-1])
+        for s in spin:
+            t = s["iteration"]
+            final, tmp = out / f"continued_sft{t}", out / f"continued_sft{t}.tmp"
+            if not _finished(final):
+                base: TrainCfg = sft_train_cfg(cfg)
+                steps = max(1, round(s["train"]["tokens"] / cfg.sft.tokens_per_step))
+                # same optimizer/schedule family as SPIN's iteration (a fresh warmup+decay per round), SFT's lr
+                tcfg = dataclasses.replace(base, epochs=max(1, math.ceil(s["train"]["tokens"] / tokens_per_epoch)),
+                                           max_steps=steps, lr=cfg.train.lr, lr_schedule=cfg.train.lr_schedule,
+                                           warmup_ratio=cfg.train.warmup_ratio, optimizer=cfg.train.optimizer)
+                res = sft_phase(cfg, rt, model_dir=prev, out_dir=tmp, seqs=seqs, train_cfg=tcfg)
+                res["eval"] = evaluate(tmp)
+                _publish(rt, tmp, final, {"phase": "continued_sft", "iteration": t, **res})
+            baseline.append(json.loads((final / "summary.json").read_text()))
+            prev = final
+    rows = [{"model": "SFT start", "spin_em": (sft or {}).get("eval", {}).get("accuracy"),
+             "continued_sft_em": (sft or {}).get("eval", {}).get("accuracy"), "heldout_acc": None,
+             "heldout_margin": None, "train_tokens": None}]
+    for i, s in enumerate(spin):
+        b = baseline[i] if i < len(baseline) else {}
+        h = s.get("heldout") or {}
+        rows.append({"model": f"iteration {s['iteration']}", "spin_em": s.get("eval", {}).get("accuracy"),
+                     "continued_sft_em": b.get("eval", {}).get("accuracy"), "heldout_acc": h.get("accuracy"),
+                     "heldout_margin": h.get("mean_margin"), "train_tokens": s["train"]["tokens"]})
+    report = {"rows": rows, "n_heldout": cfg.loop.heldout}
+    if rt.is_main:
+        (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+        fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+        lines = ["", f"held-out exact match ({cfg.loop.heldout} prompts):",
+                 f"{'model':<14}{'SPIN':>8}{'cont. SFT':>11}{'disc. acc':>11}{'margin':>9}"]
+        for r in rows:
+            lines.append(f"{r['model']:<14}{fmt(r['spin_em']):>8}{fmt(r['continued_sft_em']):>11}"
+                         f"{fmt(r['heldout_acc']):>11}{fmt(r['heldout_margin']):>9}")
+        print("\n".join(lines), flush=True)
+    return report

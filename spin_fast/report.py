@@ -1,0 +1,287 @@
+"""`python -m spin_fast.report OUTPUT [--out DIR]`: PNG plots and a markdown table of a SPIN run folder.
+
+Reads what spin_fast/loop.py (and the demo, spin_fast/demo_run.py) wrote into OUTPUT: iter{t}/summary.json and
+iter{t}/metrics.jsonl per finished iteration (iter{t}.tmp / .work folders are not finished ones), and the optional
+sft/summary.json, continued_sft{t}/summary.json and demo.json. Writes into DIR (default OUTPUT/report):
+  training.png     loss, margins, accuracies, chosen/rejected log-probs per optimizer step, across iterations
+  throughput.png   tokens/s of generation, reference cache, training and the whole iteration
+  wall_time.png    wall time per phase per iteration (stacked)
+  heldout.png      the held-out discriminator check (accuracy, mean margin) per iteration
+  eval.png         exact-match accuracy per iteration (SFT start, SPIN, continued-SFT baseline), when evaluated
+  summary.md       one table row per iteration
+A plot without data (no held-out check, no eval, empty metrics) is skipped and said so. matplotlib draws through
+its Agg canvas, without pyplot, so the process-wide backend is left alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+ITER_DIR = re.compile(r"iter(\d+)")
+PHASES = ("generate", "cache", "train")
+
+
+# --- reading the run folder ------------------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl rows; blank lines and a torn last line (a killed run) are skipped."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path}:{i + 1}: a metrics row is an object with an integer 'step'")
+        rows.append(row)
+    return rows
+
+
+def load_run(folder: Path) -> dict:
+    """{"iterations": [(t, summary, metrics rows)] sorted by t, "sft", "continued": {t: summary}, "demo"}."""
+    if not folder.is_dir():
+        raise ValueError(f"run folder {folder} does not exist")
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := ITER_DIR.fullmatch(p.name)) and (p / "summary.json").is_file()]
+    if not found:
+        raise ValueError(f"run folder {folder} holds no finished SPIN iteration (no iter{{t}}/summary.json)")
+    iterations = [(t, _read_json(p / "summary.json"), _read_metrics(p / "metrics.jsonl")) for t, p in sorted(found)]
+    continued = {t: s for t, _, _ in iterations
+                 if (s := _read_json(folder / f"continued_sft{t}" / "summary.json")) is not None}
+    return {"iterations": iterations, "sft": _read_json(folder / "sft" / "summary.json"), "continued": continued,
+            "demo": _read_json(folder / "demo.json")}
+
+
+def _get(d: dict | None, *keys):
+    """d[k0][k1]... or None where a level is missing or null."""
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _num(v) -> float:
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+# --- plots ---------------------------------------------------------------------------------------------------------
+
+def _figure(nrows=1, ncols=1, size=(8, 4.5)):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ValueError("spin_fast.report needs the matplotlib package (pip install matplotlib)") from None
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def global_steps(run: dict) -> tuple[list, list]:
+    """([(global steps, rows)] per iteration, [(first global step - 1, t)]): iteration t's steps come after the
+    train.steps of the earlier ones (or their last logged step, where a summary lacks train.steps)."""
+    series, bounds, offset = [], [], 0
+    for t, s, rows in run["iterations"]:
+        bounds.append((offset, t))
+        series.append(([offset + r["step"] for r in rows], rows))
+        offset += int(_get(s, "train", "steps") or max((r["step"] for r in rows), default=0))
+    return series, bounds
+
+
+def plot_training(run: dict, path: Path) -> str | None:
+    """Per-step curves over the global step, a dotted line where each iteration starts."""
+    series, bounds = global_steps(run)
+    if not any(rows for _, rows in series):
+        return "every metrics.jsonl is empty or missing"
+    fig, axes = _figure(2, 2, size=(12, 7))
+    panels = [("loss", ["loss"]), ("reward margin", ["rewards/margins"]), ("reward accuracy", ["rewards/accuracies"]),
+              ("log-prob", ["logps/chosen", "logps/rejected"])]
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            for n, (xs, rows) in enumerate(series):
+                ax.plot(xs, [_num(r.get(key)) for r in rows], color=f"C{keys.index(key)}",
+                        label=key if n == 0 and len(keys) > 1 else None)
+        for x, t in bounds:
+            ax.axvline(x, color="grey", ls=":", lw=1)
+            ax.annotate(f"iter{t}", (x, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                        textcoords="offset points", fontsize=7, color="grey")
+        ax.set(title=title, xlabel="global optimizer step")
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle("SPIN training across iterations")
+    fig.savefig(path, dpi=100)
+
+
+def _bars(ax, iters, groups: dict[str, list[float]], stacked: bool) -> None:
+    width = 0.8 if stacked else 0.8 / len(groups)
+    bottom = [0.0] * len(iters)
+    for i, (label, values) in enumerate(groups.items()):
+        xs = list(range(len(iters))) if stacked else [x - 0.4 + width * (i + 0.5) for x in range(len(iters))]
+        ax.bar(xs, values, width, bottom=bottom if stacked else None, label=label)
+        if stacked:
+            bottom = [b + (0 if math.isnan(v) else v) for b, v in zip(bottom, values)]
+    ax.set_xticks(range(len(iters)), [str(t) for t in iters])
+    ax.set_xlabel("iteration")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
+def plot_throughput(run: dict, path: Path) -> str | None:
+    iters = [t for t, _, _ in run["iterations"]]
+    groups = {p: [_num(_get(s, p, "tokens_per_s")) for _, s, _ in run["iterations"]] for p in PHASES}
+    groups["iteration (end to end)"] = [_num(s.get("iteration_tokens_per_s")) for _, s, _ in run["iterations"]]
+    positive = [v for vs in groups.values() for v in vs if v > 0]
+    if not positive:
+        return "no tokens/s in any summary.json"
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    _bars(ax, iters, groups, stacked=False)
+    if max(positive) / min(positive) > 50:
+        ax.set_yscale("log")
+    ax.set(title="throughput per phase", ylabel="tokens/s")
+    fig.savefig(path, dpi=100)
+
+
+def plot_wall_time(run: dict, path: Path) -> str | None:
+    iters = [t for t, _, _ in run["iterations"]]
+    groups = {p: [_num(_get(s, p, "wall_s")) for _, s, _ in run["iterations"]] for p in PHASES}
+    other = []
+    for i, (_, s, _) in enumerate(run["iterations"]):
+        rest = _num(s.get("iteration_wall_s")) - sum(v for vs in groups.values() if not math.isnan(v := vs[i]))
+        other.append(rest if rest > 0 else 0.0)
+    groups["other (save, held-out check, eval)"] = other
+    if not any(v > 0 for vs in groups.values() for v in vs):
+        return "no wall times in any summary.json"
+    fig, axes = _figure()
+    _bars(axes[0, 0], iters, groups, stacked=True)
+    axes[0, 0].set(title="wall time per phase", ylabel="seconds")
+    fig.savefig(path, dpi=100)
+
+
+def plot_heldout(run: dict, path: Path) -> str | None:
+    pts = [(t, s["heldout"]) for t, s, _ in run["iterations"] if isinstance(s.get("heldout"), dict)]
+    if not pts:
+        return "no held-out discriminator check (heldout is null in every iteration)"
+    fig, axes = _figure(1, 2, size=(10, 4))
+    xs = [t for t, _ in pts]
+    for ax, key, ref, label in ((axes[0, 0], "accuracy", 0.5, "accuracy (margin > 0)"),
+                                (axes[0, 1], "mean_margin", 0.0, "mean margin")):
+        ax.plot(xs, [_num(h.get(key)) for _, h in pts], "o-")
+        ax.axhline(ref, color="grey", ls="--", lw=1)
+        ax.set(title=f"held-out {label}", xlabel="iteration", xticks=xs)
+    axes[0, 0].set_ylim(0, 1.05)
+    fig.suptitle("held-out discriminator: human answer vs the opponent's")
+    fig.savefig(path, dpi=100)
+
+
+def _eval_series(run: dict) -> tuple[list, list]:
+    """(SPIN points, continued-SFT points) as (x, accuracy), the SFT start at x = -1 in both."""
+    start = _get(run["sft"], "eval", "accuracy")
+    demo_rows = {r.get("model"): r for r in _get(run["demo"], "rows") or []}
+    spin = [(t, _get(s, "eval", "accuracy")) for t, s, _ in run["iterations"]]
+    cont = []
+    for t, _, _ in run["iterations"]:
+        v = _get(run["continued"].get(t), "eval", "accuracy")
+        cont.append((t, v if v is not None else _get(demo_rows.get(f"iteration {t}"), "continued_sft_em")))
+    head = [(-1, start)] if start is not None else []
+    return ([(x, v) for x, v in head + spin if v is not None], [(x, v) for x, v in head + cont if v is not None])
+
+
+def plot_eval(run: dict, path: Path) -> str | None:
+    spin, cont = _eval_series(run)
+    if not any(x >= 0 for x, _ in spin + cont):
+        return "no eval in any iteration or continued-SFT summary"
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    if any(x >= 0 for x, _ in spin):
+        ax.plot(*zip(*spin), "o-", label="SPIN")
+    if any(x >= 0 for x, _ in cont):
+        ax.plot(*zip(*cont), "s--", label="continued SFT (same tokens)")
+    xs = sorted({x for x, _ in spin + cont})
+    ax.set_xticks(xs, ["SFT" if x < 0 else str(x) for x in xs])
+    ax.set(title="held-out exact match", xlabel="iteration", ylabel="accuracy", ylim=(0, 1.05))
+    ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+# --- table and entry point -----------------------------------------------------------------------------------------
+
+def _fmt(v, spec: str) -> str:
+    return "-" if not isinstance(v, (int, float)) or math.isnan(v) else format(v, spec)
+
+
+def summary_table(run: dict) -> str:
+    head = ["iteration", "generate tok/s", "cache tok/s", "train tok/s", "iteration wall s", "iteration tok/s",
+            "final loss", "held-out acc", "margin", "eval acc"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t, s, _ in run["iterations"]:
+        cells = [str(t)] + [_fmt(_get(s, p, "tokens_per_s"), ".0f") for p in PHASES] + [
+            _fmt(s.get("iteration_wall_s"), ".1f"), _fmt(s.get("iteration_tokens_per_s"), ".0f"),
+            _fmt(_get(s, "train", "final", "loss"), ".4f"), _fmt(_get(s, "heldout", "accuracy"), ".3f"),
+            _fmt(_get(s, "heldout", "mean_margin"), ".4f"), _fmt(_get(s, "eval", "accuracy"), ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    sft = run["sft"]
+    if sft is not None:
+        lines += ["", f"SFT: {sft.get('steps', '-')} steps, {_fmt(sft.get('tokens_per_s'), '.0f')} tok/s, "
+                  f"final loss {_fmt(_get(sft, 'final', 'loss'), '.4f')}, "
+                  f"eval acc {_fmt(_get(sft, 'eval', 'accuracy'), '.3f')}"]
+    return "\n".join(lines) + "\n"
+
+
+PLOTS = {"training.png": plot_training, "throughput.png": plot_throughput, "wall_time.png": plot_wall_time,
+         "heldout.png": plot_heldout, "eval.png": plot_eval}
+
+
+def report(folder: Path, out: Path | None = None) -> dict:
+    """Writes the plots and summary.md; returns {"written": [paths], "skipped": {name: reason}}."""
+    run = load_run(folder)
+    out = out or folder / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    written, skipped = [], {}
+    for name, plot in PLOTS.items():
+        reason = plot(run, out / name)
+        if reason is None:
+            written.append(out / name)
+        else:
+            skipped[name] = reason
+    (out / "summary.md").write_text(f"# SPIN run {folder}\n\n" + summary_table(run))
+    written.append(out / "summary.md")
+    return {"written": written, "skipped": skipped}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m spin_fast.report", description=__doc__.split("\n")[0])
+    ap.add_argument("output", type=Path, help="the SPIN run folder (the loop's `output`)")
+    ap.add_argument("--out", type=Path, default=None, help="where the plots go (default OUTPUT/report)")
+    args = ap.parse_args(argv)
+    result = report(args.output, args.out)
+    for path in result["written"]:
+        print(f"wrote {path}")
+    for name, reason in result["skipped"].items():
+        print(f"skipped {name}: {reason}")
+    return result
+
+
+if __name__ == "__main__":
+    from .runtime import run_main
+    run_main(main)

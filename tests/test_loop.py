@@ -1,0 +1,132 @@
+"""The SPIN loop end to end (`-m spin_fast.train` with data.sft): iterations, resume after SIGKILL in each phase
+(generation, reference cache, training) equals an uninterrupted run, finished iterations load in transformers, the
+built-in demo under torchrun. Uses the demo's tiny model and task: no ../shared needed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spin_fast import demo
+
+ARGS = ["--loop.iterations", "2", "--loop.heldout", "20", "--generate.max_new_tokens", "20", "--max-length", "48",
+        "--max-prompt-length", "24", "--tokens-per-step", "1024", "--micro-batch-tokens", "512",
+        "--train.checkpoint_every", "2", "--lr", "1e-3", "--train.optimizer", "adamw", "--train.progress", "false",
+        "--generate.batch_size", "32"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    tok = demo.build_tokenizer(root / "model")
+    demo.init_model(root / "model", tok, hidden=32, layers=2, heads=4, seed=0)
+    rows = demo.write_jsonl(root / "rows.jsonl", demo.make_rows(220, seed=0))
+    return root, root / "model", rows
+
+
+def run(argv, env_extra=None, nproc=1, check=True):
+    env = {k: v for k, v in os.environ.items() if k != "SPIN_FAST_FAULT"}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", **(env_extra or {}))
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1
+                else [sys.executable])
+    r = subprocess.run(launcher + ["-m", "spin_fast.train", *argv], capture_output=True, text=True, timeout=600,
+                       env=env)
+    if check:
+        assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def loop_argv(assets, out, *extra):
+    _, model, rows = assets
+    return ["--model", str(model), "--data.sft", str(rows), "--output", str(out), *ARGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_run(assets):
+    out = assets[0] / "ref"
+    run(loop_argv(assets, out))
+    return out
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_iterations_and_their_reports(reference_run, assets):
+    out = reference_run
+    for t in (0, 1):
+        s = json.loads((out / f"iter{t}" / "summary.json").read_text())
+        assert s["iteration"] == t and s["pairs"] == 200                      # 220 rows - 20 held out
+        assert s["opponent"] == str(assets[1] if t == 0 else out / "iter0")
+        for phase in ("generate", "cache", "train"):
+            assert s[phase]["tokens_per_s"] > 0 and s[phase]["wall_s"] > 0, phase
+        assert s["generate"]["prompts"] == 200 and s["heldout"]["pairs"] == 20
+        assert 0 <= s["heldout"]["accuracy"] <= 1 and s["iteration_wall_s"] > 0
+        rows = [json.loads(line) for line in (out / f"iter{t}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, s["train"]["steps"] + 1))
+        assert not (out / f"iter{t}.tmp").exists() and not (out / f"iter{t}.work" / "ckpt").exists()
+    # iteration 1's opponent is iteration 0's result: its first step is ln 2 against the new reference
+    first = json.loads((out / "iter1" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert not torch.equal(weights(out / "iter0")["model.embed_tokens.weight"],
+                           weights(out / "iter1")["model.embed_tokens.weight"])
+
+
+def test_finished_iteration_loads_in_transformers(reference_run):
+    from transformers import AutoModelForCausalLM
+
+    from spin_fast.hf_io import load_model
+    folder = reference_run / "iter1"
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = load_model(folder)
+    ids = torch.tensor([[1, 30, 25, 12, 9, 40, 2, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(ours(ids[0], torch.arange(8))), hf(ids).logits[0], atol=1e-4,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize("fault, evidence", [
+    ("generate:50", lambda s: s["generate"]["resumed_rows"] == 50),
+    ("cache:1", lambda s: s["cache"]["status"] == "built"),
+    ("train:3", lambda s: s["train"]["resumed_at"] == 2),          # checkpoint_every 2: back to step 2
+])
+def test_sigkill_then_resume_equals_uninterrupted(assets, reference_run, fault, evidence):
+    out = assets[0] / f"killed-{fault.replace(':', '-')}"
+    r = run(loop_argv(assets, out), env_extra={"SPIN_FAST_FAULT": fault}, check=False)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
+    assert not (out / "iter0" / "summary.json").exists()
+    refused = run(loop_argv(assets, out), check=False)                   # no --resume: refuses to mix runs
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    run(loop_argv(assets, out, "--resume"))
+    assert evidence(json.loads((out / "iter0" / "summary.json").read_text()))
+    for t in (0, 1):
+        a, b = weights(reference_run / f"iter{t}"), weights(out / f"iter{t}")
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=lambda m: f"iter{t} {k}: {m}")
+    ref_rows = (reference_run / "iter0" / "metrics.jsonl").read_text().splitlines()
+    got_rows = (out / "iter0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in got_rows] == [json.loads(x)["step"] for x in ref_rows]
+
+
+def test_mix_previous_trains_on_both_iterations(assets):
+    out = assets[0] / "mix"
+    run(loop_argv(assets, out, "--loop.mix_previous", "--loop.iterations", "2", "--train.max_steps", "2"))
+    assert json.loads((out / "iter0" / "summary.json").read_text())["pairs"] == 200
+    assert json.loads((out / "iter1" / "summary.json").read_text())["pairs"] == 400
+
+
+def test_demo_under_torchrun(tmp_path):
+    # the built-in demo, shrunk: 2 gloo ranks, a short SFT, 2 SPIN iterations, the continued-SFT baseline
+    out = tmp_path / "demo"
+    r = run(["--output", str(out), "--loop.iterations", "2", "--sft.epochs", "3", "--train.progress", "false",
+             "--loop.heldout", "100"], nproc=2)
+    report = json.loads((out / "demo.json").read_text())
+    assert [row["model"] for row in report["rows"]] == ["SFT start", "iteration 0", "iteration 1"]
+    for row in report["rows"]:
+        assert 0 <= row["spin_em"] <= 1 and 0 <= row["continued_sft_em"] <= 1
+    assert "held-out exact match" in r.stdout
+    assert (out / "continued_sft1" / "summary.json").is_file() and (out / "iter1" / "summary.json").is_file()

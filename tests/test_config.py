@@ -438,3 +438,10 @@ def test_readme_config_table_is_current():
     # README's reference is generated from the dataclasses; regenerate it when a field changes
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert reference_markdown() in readme, "README.md config table is stale: paste reference_markdown() output"
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_recipes_load_and_validate(recipe):
+    cfg = from_yaml(recipe).validate()
+    assert cfg.train.beta == 0.1 and cfg.data.max_length >= 2 * cfg.data.max_prompt_length - 1

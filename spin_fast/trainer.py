@@ -176,7 +176,7 @@ def prepare_model(model, cfg, *, distributed: bool, compute_dtype: torch.dtype):
         blk.checkpoint_activations = cfg.activation_checkpointing
     if cfg.compile:
         for blk in model.layers:
-            blk.compile()
+            blk.compile(dynamic=True)       # packed micro-batches change N every step: no recompiles
     for p in model.parameters():
         p.requires_grad_(True)
     if distributed:

@@ -54,7 +54,8 @@ setup(
         "triton": ["triton>=3.6"],
         "hf": ["transformers>=5", "tokenizers", "sentencepiece", "protobuf", "jinja2", "pyarrow"],
         "test": ["pytest", "hypothesis", "transformers>=5", "tokenizers", "sentencepiece",
-                 "protobuf", "jinja2", "pyarrow", "triton>=3.6"],
+                 "protobuf", "jinja2", "pyarrow", "triton>=3.6", "matplotlib"],
+        "report": ["matplotlib"],          # python -m spin_fast.report
         "bench": ["liger-kernel", "transformers>=5", "psutil", "trl==1.16.0", "datasets"],
         "flash": ["flash-attn"],
     },

@@ -1,16 +1,12 @@
 """`python -m spin_fast.report OUTPUT [--out DIR]`: PNG plots and a markdown table of a SPIN run folder.
 
-Reads what spin_fast/loop.py (and the demo, spin_fast/demo_run.py) wrote into OUTPUT: iter{t}/summary.json and
-iter{t}/metrics.jsonl per finished iteration (iter{t}.tmp / .work folders are not finished ones), and the optional
-sft/summary.json, continued_sft{t}/summary.json and demo.json. Writes into DIR (default OUTPUT/report):
-  training.png     loss, margins, accuracies, chosen/rejected log-probs per optimizer step, across iterations
-  throughput.png   tokens/s of generation, reference cache, training and the whole iteration
-  wall_time.png    wall time per phase per iteration (stacked)
-  heldout.png      the held-out discriminator check (accuracy, mean margin) per iteration
-  eval.png         exact-match accuracy per iteration (SFT start, SPIN, continued-SFT baseline), when evaluated
-  summary.md       one table row per iteration
-A plot without data (no held-out check, no eval, empty metrics) is skipped and said so. matplotlib draws through
-its Agg canvas, without pyplot, so the process-wide backend is left alone.
+Reads what spin_fast/loop.py and the demo (demo_run.py) leave in OUTPUT: iter{t}/summary.json + metrics.jsonl per
+finished iteration (not iter{t}.tmp / .work), and, when there, sft/summary.json, continued_sft{t}/summary.json and
+demo.json. Writes into DIR (default OUTPUT/report): training.png (per-step loss, reward margins and accuracies,
+log-probs over the global step), throughput.png (tokens/s per phase and end to end), wall_time.png (seconds per
+phase, stacked), heldout.png (the held-out discriminator check), eval.png (exact match: SFT start, SPIN, the
+continued-SFT baseline) and summary.md (one row per iteration). A plot without data is skipped and said so.
+matplotlib draws on its Agg canvas without pyplot, leaving the process-wide backend alone.
 """
 from __future__ import annotations
 
@@ -109,7 +105,7 @@ def global_steps(run: dict) -> tuple[list, list]:
     return series, bounds
 
 
-def plot_training(run: dict, path: Path) -> str | None:
+def plot_training(run: dict):
     """Per-step curves over the global step, a dotted line where each iteration starts."""
     series, bounds = global_steps(run)
     if not any(rows for _, rows in series):
@@ -130,55 +126,49 @@ def plot_training(run: dict, path: Path) -> str | None:
         if len(keys) > 1:
             ax.legend(fontsize=8)
     fig.suptitle("SPIN training across iterations")
-    fig.savefig(path, dpi=100)
+    return fig
 
 
-def _bars(ax, iters, groups: dict[str, list[float]], stacked: bool) -> None:
-    width = 0.8 if stacked else 0.8 / len(groups)
-    bottom = [0.0] * len(iters)
-    for i, (label, values) in enumerate(groups.items()):
-        xs = list(range(len(iters))) if stacked else [x - 0.4 + width * (i + 0.5) for x in range(len(iters))]
-        ax.bar(xs, values, width, bottom=bottom if stacked else None, label=label)
-        if stacked:
-            bottom = [b + (0 if math.isnan(v) else v) for b, v in zip(bottom, values)]
-    ax.set_xticks(range(len(iters)), [str(t) for t in iters])
-    ax.set_xlabel("iteration")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-
-
-def plot_throughput(run: dict, path: Path) -> str | None:
-    iters = [t for t, _, _ in run["iterations"]]
-    groups = {p: [_num(_get(s, p, "tokens_per_s")) for _, s, _ in run["iterations"]] for p in PHASES}
-    groups["iteration (end to end)"] = [_num(s.get("iteration_tokens_per_s")) for _, s, _ in run["iterations"]]
-    positive = [v for vs in groups.values() for v in vs if v > 0]
-    if not positive:
-        return "no tokens/s in any summary.json"
-    fig, axes = _figure()
-    ax = axes[0, 0]
-    _bars(ax, iters, groups, stacked=False)
-    if max(positive) / min(positive) > 50:
-        ax.set_yscale("log")
-    ax.set(title="throughput per phase", ylabel="tokens/s")
-    fig.savefig(path, dpi=100)
-
-
-def plot_wall_time(run: dict, path: Path) -> str | None:
-    iters = [t for t, _, _ in run["iterations"]]
-    groups = {p: [_num(_get(s, p, "wall_s")) for _, s, _ in run["iterations"]] for p in PHASES}
-    other = []
-    for i, (_, s, _) in enumerate(run["iterations"]):
-        rest = _num(s.get("iteration_wall_s")) - sum(v for vs in groups.values() if not math.isnan(v := vs[i]))
-        other.append(rest if rest > 0 else 0.0)
-    groups["other (save, held-out check, eval)"] = other
+def _bar_plot(run: dict, groups: dict[str, list[float]], *, stacked: bool, title: str, ylabel: str):
+    """Bars per iteration: one per group side by side, or the groups stacked."""
     if not any(v > 0 for vs in groups.values() for v in vs):
-        return "no wall times in any summary.json"
+        return f"no {ylabel} in any summary.json"
+    iters = [t for t, _, _ in run["iterations"]]
     fig, axes = _figure()
-    _bars(axes[0, 0], iters, groups, stacked=True)
-    axes[0, 0].set(title="wall time per phase", ylabel="seconds")
-    fig.savefig(path, dpi=100)
+    ax, width, bottom = axes[0, 0], 0.8 if stacked else 0.8 / len(groups), [0.0] * len(iters)
+    for i, (label, values) in enumerate(groups.items()):
+        xs = range(len(iters)) if stacked else [x - 0.4 + width * (i + 0.5) for x in range(len(iters))]
+        ax.bar(xs, values, width, bottom=bottom if stacked else None, label=label)
+        bottom = [b + (0 if math.isnan(v) else v) for b, v in zip(bottom, values)]
+    positive = [v for vs in groups.values() for v in vs if v > 0]
+    if not stacked and max(positive) / min(positive) > 50:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(iters)), [str(t) for t in iters])
+    ax.set(title=title, xlabel="iteration", ylabel=ylabel)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
 
 
-def plot_heldout(run: dict, path: Path) -> str | None:
+def _per_phase(run: dict, key: str) -> dict[str, list[float]]:
+    return {p: [_num(_get(s, p, key)) for _, s, _ in run["iterations"]] for p in PHASES}
+
+
+def plot_throughput(run: dict):
+    groups = _per_phase(run, "tokens_per_s")
+    groups["iteration (end to end)"] = [_num(s.get("iteration_tokens_per_s")) for _, s, _ in run["iterations"]]
+    return _bar_plot(run, groups, stacked=False, title="throughput per phase", ylabel="tokens/s")
+
+
+def plot_wall_time(run: dict):
+    """Generation, cache, training, and the rest of iteration_wall_s (saving, held-out check, eval)."""
+    groups = _per_phase(run, "wall_s")
+    total = [_num(s.get("iteration_wall_s")) for _, s, _ in run["iterations"]]
+    phases = [sum(v for v in col if not math.isnan(v)) for col in zip(*groups.values())]
+    groups["other (save, held-out check, eval)"] = [w - p if w > p else 0.0 for w, p in zip(total, phases)]
+    return _bar_plot(run, groups, stacked=True, title="wall time per phase", ylabel="seconds")
+
+
+def plot_heldout(run: dict):
     pts = [(t, s["heldout"]) for t, s, _ in run["iterations"] if isinstance(s.get("heldout"), dict)]
     if not pts:
         return "no held-out discriminator check (heldout is null in every iteration)"
@@ -191,7 +181,7 @@ def plot_heldout(run: dict, path: Path) -> str | None:
         ax.set(title=f"held-out {label}", xlabel="iteration", xticks=xs)
     axes[0, 0].set_ylim(0, 1.05)
     fig.suptitle("held-out discriminator: human answer vs the opponent's")
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 def _eval_series(run: dict) -> tuple[list, list]:
@@ -207,7 +197,7 @@ def _eval_series(run: dict) -> tuple[list, list]:
     return ([(x, v) for x, v in head + spin if v is not None], [(x, v) for x, v in head + cont if v is not None])
 
 
-def plot_eval(run: dict, path: Path) -> str | None:
+def plot_eval(run: dict):
     spin, cont = _eval_series(run)
     if not any(x >= 0 for x, _ in spin + cont):
         return "no eval in any iteration or continued-SFT summary"
@@ -219,9 +209,9 @@ def plot_eval(run: dict, path: Path) -> str | None:
         ax.plot(*zip(*cont), "s--", label="continued SFT (same tokens)")
     xs = sorted({x for x, _ in spin + cont})
     ax.set_xticks(xs, ["SFT" if x < 0 else str(x) for x in xs])
-    ax.set(title="held-out exact match", xlabel="iteration", ylabel="accuracy", ylim=(0, 1.05))
+    ax.set(title="held-out exact match", xlabel="iteration", ylabel="accuracy", ylim=(-0.02, 1.02))
     ax.legend()
-    fig.savefig(path, dpi=100)
+    return fig
 
 
 # --- table and entry point -----------------------------------------------------------------------------------------
@@ -259,12 +249,15 @@ def report(folder: Path, out: Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = [], {}
     for name, plot in PLOTS.items():
-        reason = plot(run, out / name)
-        if reason is None:
-            written.append(out / name)
+        fig = plot(run)
+        if isinstance(fig, str):
+            skipped[name] = fig
+            (out / name).unlink(missing_ok=True)                     # a stale plot of an earlier report
         else:
-            skipped[name] = reason
-    (out / "summary.md").write_text(f"# SPIN run {folder}\n\n" + summary_table(run))
+            fig.savefig(out / name, dpi=100)
+            written.append(out / name)
+    notes = "".join(f"\nskipped {name}: {reason}" for name, reason in skipped.items())
+    (out / "summary.md").write_text(f"# SPIN run {folder}\n\n" + summary_table(run) + notes + "\n" * bool(notes))
     written.append(out / "summary.md")
     return {"written": written, "skipped": skipped}
 

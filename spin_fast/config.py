@@ -288,6 +288,13 @@ def set_key(cfg: Config, key: str, value, *, from_cli: bool) -> None:
     for p in path:
         obj = getattr(obj, p)
     setattr(obj, leaf, _coerce(key, keys[key][0], value, from_cli=from_cli))
+    explicit_keys(cfg).add(key)
+
+
+def explicit_keys(cfg: Config) -> set[str]:
+    """The dotted keys a YAML file or the command line set (even to their default value): presets such as the
+    demo's fill in only the others. Kept off the dataclass fields, so it is not part of the config itself."""
+    return cfg.__dict__.setdefault("_explicit_keys", set())
 
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:

@@ -10,7 +10,7 @@
    per SPIN iteration on as many tokens as that iteration trained on; prints and writes OUTPUT/demo.json.
 
 Every demo default below can be overridden like any key (`--loop.iterations 2 --sft.epochs 5 ...`): the demo only
-fills in keys the user left at their defaults.
+fills in keys the user did not set (config.explicit_keys), even when set to the library default.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from . import demo
-from .config import Config, TrainCfg
+from .config import Config, TrainCfg, explicit_keys
 from .runtime import Runtime
 
 log = logging.getLogger("spin_fast.demo")
@@ -42,9 +42,9 @@ DEMO_DEFAULTS = {
 
 
 def _apply_defaults(cfg: Config) -> Config:
-    fresh = Config()
+    given = explicit_keys(cfg)
     for (section, key), value in DEMO_DEFAULTS.items():
-        if getattr(getattr(cfg, section), key) == getattr(getattr(fresh, section), key):
+        if f"{section}.{key}" not in given:
             setattr(getattr(cfg, section), key, value)
     return cfg.validate()
 
@@ -107,10 +107,10 @@ def finish_demo(cfg: Config, rt: Runtime, tokenizer, summaries: list[dict], eval
             if not _finished(final):
                 base: TrainCfg = sft_train_cfg(cfg)
                 steps = max(1, round(s["train"]["tokens"] / cfg.sft.tokens_per_step))
-                # same optimizer/schedule family as SPIN's iteration (a fresh warmup+decay per round), SFT's lr
+                # the SFT phase's own optimizer and lr (its best known settings: the baseline is not weakened by
+                # SPIN's lr), a fresh warmup + decay per round, as SPIN's iterations have
                 tcfg = dataclasses.replace(base, epochs=max(1, math.ceil(s["train"]["tokens"] / tokens_per_epoch)),
-                                           max_steps=steps, lr=cfg.train.lr, lr_schedule=cfg.train.lr_schedule,
-                                           warmup_ratio=cfg.train.warmup_ratio, optimizer=cfg.train.optimizer)
+                                           max_steps=steps)
                 res = sft_phase(cfg, rt, model_dir=prev, out_dir=tmp, seqs=seqs, train_cfg=tcfg)
                 res["eval"] = evaluate(tmp)
                 _publish(rt, tmp, final, {"phase": "continued_sft", "iteration": t, **res})

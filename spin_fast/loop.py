@@ -38,8 +38,10 @@ def split_sft(cfg: Config, out: Path, rt: Runtime) -> tuple[Path, Path | None]:
     """OUTPUT/data/{train,heldout}.jsonl from data.sft: `loop.heldout` rows drawn with the seed, the rest train."""
     folder = out / "data"
     train, held = folder / "train.jsonl", folder / "heldout.jsonl"
-    if rt.is_main and not train.is_file():
+    if not train.is_file():
+        # every rank reads (so a bad file stops every rank alike); rank 0 writes
         rows = [row for path in cfg.data.sft for _, row in read_rows(path)]
+    if rt.is_main and not train.is_file():
         n_held = min(cfg.loop.heldout, max(0, len(rows) - 1))
         order = np.random.default_rng([cfg.seed, 7]).permutation(len(rows))
         held_ids = set(order[:n_held].tolist())
@@ -73,9 +75,16 @@ def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
     """Every iteration; returns their summaries. evaluate(model_dir) -> dict: an extra per-iteration metric
     (the demo's exact-match accuracy), called on every rank."""
     out = Path(cfg.output)
+    error = None
     if rt.is_main and (out / "loop.json").is_file() and not cfg.resume:
-        raise ValueError(f"output {out} already holds a SPIN run (loop.json): pass --resume to continue it, or "
-                         f"choose a new --output")
+        error = (f"output {out} already holds a SPIN run (loop.json): pass --resume to continue it, or choose a "
+                 f"new --output")
+    if rt.distributed:                      # rank 0 looked at the folder: every rank stops, none waits forever
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise ValueError(error)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "loop.json").write_text(json.dumps({"config": to_dict(cfg)}, indent=2) + "\n")

@@ -123,3 +123,23 @@ def test_bad_row_stops_naming_file_and_row(setup):
              str(tmp / "bad_out"), *ARGS])
     assert r.returncode == 2 and f"{bad}:3" in r.stderr and "empty" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_spin_loop_end_to_end_on_stories260k(setup, shared_data):
+    # the whole loop on a real model and real SFT rows: generation -> cache -> training, 2 iterations, 2 ranks
+    model, _, tmp = setup
+    out = tmp / "loop"
+    sft = shared_data / "sft" / "sft_ultrachat_schema-00000.jsonl"
+    rows = tmp / "sft16.jsonl"
+    rows.write_text("".join(sft.open().readlines()[:16]))
+    r = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "spin_fast.train",
+             "--model", str(model), "--data.sft", str(rows), "--output", str(out), *ARGS,
+             "--loop.iterations", "2", "--loop.heldout", "4", "--generate.max_new_tokens", "24",
+             "--loop.mix_previous"])
+    assert r.returncode == 0, r.stderr[-4000:]
+    s0, s1 = (json.loads((out / f"iter{t}" / "summary.json").read_text()) for t in (0, 1))
+    assert s0["pairs"] == 12 and s1["pairs"] == 24                     # 16 rows - 4 held out; + iteration 0's
+    assert s0["generate"]["prompts"] == 12 and s0["generate"]["new_tokens"] > 0
+    assert s1["opponent"] == str(out / "iter0") and s1["heldout"]["pairs"] == 4
+    gen = [json.loads(line) for line in (out / "iter1.work" / "generated.jsonl").read_text().splitlines()]
+    assert len(gen) == 12 and all(g["response"] is not None for g in gen)

@@ -1,14 +1,15 @@
-"""`torchrun --nproc_per_node=N -m spin_fast.train`: one SPIN training phase on existing pairs.
+"""`torchrun --nproc_per_node=N -m spin_fast.train`: the SPIN loop, one training phase, or the built-in demo.
 
-    torchrun --nproc_per_node=N -m spin_fast.train --model DIR --pairs FILE --output DIR [--beta 0.1] [--lr 5e-7]
-        [--epochs 1] [--max-length 1024] [--max-prompt-length 512] [--tokens-per-step K] [--seed 0]
-        [--config cfg.yaml] [--any.config.key=value ...]
+    torchrun ... -m spin_fast.train                                  # no model, no data: the built-in demo
+    torchrun ... -m spin_fast.train --model DIR --data.sft FILE --output OUT [--config cfg.yaml] [--key=value ...]
+    torchrun ... -m spin_fast.train --model DIR --pairs FILE --output OUT [--beta 0.1] [--lr 5e-7] [--epochs 1]
+        [--max-length 1024] [--max-prompt-length 512] [--tokens-per-step K] [--seed 0]   # training phase only
 
-The opponent π_t is `--model`: its reference log-probs over the pairs are computed once (or reused from
-OUTPUT/ref_logps.safetensors when every fingerprint matches), then the policy, starting from the same weights, is
-trained. Output: OUTPUT/ as a Hugging Face folder (weights, config, tokenizer), OUTPUT/metrics.jsonl (one row per
-optimizer step) and OUTPUT/summary.json (tokens, wall time and tokens/s of the cache and train phases), written last.
-`python -m spin_fast.train --help-config` lists every config key.
+The loop (loop.py): per iteration generate -> reference cache -> train -> OUT/iter{t}/, resumable with --resume.
+The training phase alone: the opponent π_t is `--model`; its reference log-probs over the pairs are computed once
+(or reused from OUT/ref_logps.safetensors when every fingerprint matches), then the policy, starting from the same
+weights, is trained into OUT/ (HF folder, metrics.jsonl, summary.json written last).
+`python -m spin_fast.train --help-config` lists every config key. This module only parses and dispatches.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, load_config, reference_markdown, to_dict
+from .config import Config, explicit_keys, load_config, reference_markdown, to_dict
 from .data import load_pairs
 from .phases import train_phase
 from .runtime import init_runtime, run_main, shutdown
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> tuple[Config, bool]:
     demo = cfg.model.path is None and not cfg.data.sft and not cfg.data.pairs
     if demo:
         cfg.output = cfg.output or "runs/demo"
+        if "resume" not in explicit_keys(cfg):
+            cfg.resume = True          # running the demo again continues (or just re-reports) the same run
         return cfg, True
     for key, value in (("model.path", cfg.model.path), ("output", cfg.output)):
         if value is None:

@@ -20,6 +20,7 @@ root (embedding, final norm, LM head), MixedPrecisionPolicy(bf16 params, fp32 re
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -157,6 +158,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
 
 def build_scheduler(optimizer, cfg, total_steps: int):
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    if warmup >= total_steps:
+        logging.getLogger(__name__).warning(
+            "warmup (%d steps = ceil(warmup_ratio %.3g x %d steps)) covers the whole phase: the lr never reaches its "
+            "peak and step 1 trains at lr 0; use more data, a smaller train.tokens_per_step or warmup_ratio",
+            warmup, cfg.warmup_ratio, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.lr_schedule))
 

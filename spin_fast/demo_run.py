@@ -93,7 +93,7 @@ def evaluate(cfg: Config, rt: Runtime, model_dir: Path) -> dict:
 
 def finish_demo(cfg: Config, rt: Runtime, tokenizer, summaries: list[dict], evaluate) -> dict:
     """The continued-SFT baseline for the same tokens per iteration, then the per-iteration table."""
-    from .loop import _finished, _publish, sft_train_cfg
+    from .loop import is_finished, publish, sft_train_cfg
     from .phases import sft_phase
     from .sft import load_sft_sequences
     out = Path(cfg.output)
@@ -108,7 +108,7 @@ def finish_demo(cfg: Config, rt: Runtime, tokenizer, summaries: list[dict], eval
         for s in spin:
             t = s["iteration"]
             final, tmp = out / f"continued_sft{t}", out / f"continued_sft{t}.tmp"
-            if not _finished(final):
+            if not is_finished(final):
                 base: TrainCfg = sft_train_cfg(cfg)
                 steps = max(1, round(s["train"]["tokens"] / cfg.sft.tokens_per_step))
                 # the SFT phase's own optimizer and lr (its best known settings: the baseline is not weakened by
@@ -117,7 +117,7 @@ def finish_demo(cfg: Config, rt: Runtime, tokenizer, summaries: list[dict], eval
                                            max_steps=steps)
                 res = sft_phase(cfg, rt, model_dir=prev, out_dir=tmp, seqs=seqs, train_cfg=tcfg)
                 res["eval"] = evaluate(tmp)
-                _publish(rt, tmp, final, {"phase": "continued_sft", "iteration": t, **res})
+                publish(rt, tmp, final, {"phase": "continued_sft", "iteration": t, **res})
             baseline.append(json.loads((final / "summary.json").read_text()))
             prev = final
     rows = [{"model": "SFT start", "spin_em": (sft or {}).get("eval", {}).get("accuracy"),

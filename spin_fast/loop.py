@@ -57,11 +57,11 @@ def split_sft(cfg: Config, out: Path, rt: Runtime) -> tuple[Path, Path | None]:
     return train, (held if held.is_file() and held.stat().st_size > 0 else None)
 
 
-def _finished(folder: Path) -> bool:
+def is_finished(folder: Path) -> bool:
     return (folder / "summary.json").is_file()
 
 
-def _publish(rt: Runtime, tmp: Path, final: Path, summary: dict) -> None:
+def publish(rt: Runtime, tmp: Path, final: Path, summary: dict) -> None:
     """summary.json into tmp, then tmp -> final (rank 0), everyone waits."""
     if rt.is_main:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -96,25 +96,25 @@ def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
 
     if cfg.sft.epochs > 0:                                        # supervised start (the demo: from scratch)
         sft_dir = out / "sft"
-        if not _finished(sft_dir):
+        if not is_finished(sft_dir):
             from .sft import load_sft_sequences
             seqs, _ = load_sft_sequences(train_file, tokenizer, **data_opts)
             tmp = out / "sft.tmp"
             s = sft_phase(cfg, rt, model_dir=opponent, out_dir=tmp, seqs=seqs, train_cfg=sft_train_cfg(cfg))
             if evaluate is not None:
                 s["eval"] = evaluate(tmp)
-            _publish(rt, tmp, sft_dir, {"phase": "sft", **s})
+            publish(rt, tmp, sft_dir, {"phase": "sft", **s})
         opponent = sft_dir
         summaries.append(json.loads((sft_dir / "summary.json").read_text()))
 
     if cfg.loop.start_iteration > 0:
         opponent = out / f"iter{cfg.loop.start_iteration - 1}"
-        if not _finished(opponent):
+        if not is_finished(opponent):
             raise ValueError(f"loop.start_iteration={cfg.loop.start_iteration}: its opponent {opponent} is not a "
                              f"finished iteration")
     for t in range(cfg.loop.start_iteration, cfg.loop.iterations):
         final, work, tmp = out / f"iter{t}", out / f"iter{t}.work", out / f"iter{t}.tmp"
-        if _finished(final):                                      # resume: done earlier
+        if is_finished(final):                                      # resume: done earlier
             summaries.append(json.loads((final / "summary.json").read_text()))
             opponent = final
             continue
@@ -154,7 +154,7 @@ def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
                    "bad_rows": len(bad)}
         if evaluate is not None:
             summary["eval"] = evaluate(tmp)
-        _publish(rt, tmp, final, summary)
+        publish(rt, tmp, final, summary)
         if rt.is_main:
             shutil.rmtree(work / "ckpt", ignore_errors=True)      # the finished model supersedes its checkpoints
             held = summary["heldout"] or {}

@@ -36,8 +36,8 @@ try:
 except ImportError as e:       # not built (or disabled): the Python reference serves every call
     _C, _C_ERROR = None, str(e)
 
-__all__ = ["IGNORE_INDEX", "backend", "cpp_available", "plan_micro_batches", "collate", "pair_token_counts",
-           "to_torch"]
+__all__ = ["IGNORE_INDEX", "backend", "check_token_range", "cpp_available", "plan_micro_batches", "collate",
+           "pair_token_counts", "to_torch"]
 
 
 def cpp_available() -> bool:
@@ -79,6 +79,14 @@ def _int_array(x, name: str, dtype, ndim: tuple[int, ...]) -> np.ndarray:
         if lo < info.min or hi > info.max:
             raise ValueError(f"{name} holds values outside {np.dtype(dtype).name} ([{lo}, {hi}])")
     return np.ascontiguousarray(a, dtype=dtype)
+
+
+def check_token_range(tokens: np.ndarray, vocab: int) -> None:
+    """Token ids vs the model's vocabulary, once on the host, so every kernel call can skip its value checks
+    (device syncs)."""
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise ValueError(f"tokens span [{int(tokens.min())}, {int(tokens.max())}] but the model's vocabulary has "
+                         f"{vocab} entries: a tokenizer of another model?")
 
 
 def pair_token_counts(seq_offsets) -> np.ndarray:

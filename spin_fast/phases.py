@@ -30,16 +30,44 @@ def _save_dtype(cfg: Config, model_dir: Path, master: torch.dtype) -> torch.dtyp
     return DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"), master)
 
 
+def _load_prepared(cfg: Config, rt: Runtime, model_dir: Path, train_cfg):
+    """The starting model on this rank, prepared for training (checkpointing -> compile -> FSDP2).
+    Returns (model, master dtype, compute dtype)."""
+    master = DTYPES[cfg.model.dtype]
+    model = load_model(model_dir, device=rt.device, dtype=master, attn_backend=cfg.model.attn_backend)
+    compute_dtype = compute_dtype_for(cfg.model.mixed_precision, rt.device, master)
+    prepare_model(model, train_cfg, distributed=rt.distributed, compute_dtype=compute_dtype)
+    return model, master, compute_dtype
+
+
+def _open_metrics(rt: Runtime, out_dir: Path, *, keep: bool, tensorboard: bool) -> MetricsLog | None:
+    """Rank 0's metrics.jsonl in out_dir (started afresh unless `keep`: a resumed phase truncates it instead)."""
+    if not rt.is_main:
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not keep:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return MetricsLog(out_dir / "metrics.jsonl", out_dir / "tb" if tensorboard else None)
+
+
+def _save_trained(cfg: Config, rt: Runtime, model, model_dir: Path, out_dir: Path, master: torch.dtype) -> float:
+    """Gather the weights to rank 0, write the HF folder, and wait until it is complete; returns seconds."""
+    t0 = time.perf_counter()
+    state = gather_full_state_dict(model, rt.distributed)
+    if rt.is_main:
+        save_model(model, out_dir, source_dir=model_dir, state_dict=state, dtype=_save_dtype(cfg, model_dir, master))
+    if rt.distributed:
+        torch.distributed.barrier()        # the folder is complete before any rank reads it
+    return time.perf_counter() - t0
+
+
 def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pairs, tokenizer, heldout=None,
                 cache_path: Path | None = None, checkpoint_dir: Path | None = None) -> dict:
     """Reference cache + training of one SPIN iteration; writes the HF folder and metrics into out_dir.
     heldout: a PairSet of held-out prompts (human answer vs the opponent's): after training, the discriminator
     check. checkpoint_dir: resume from / save checkpoints there (cfg.train.checkpoint_every).
     Returns the phase summary (also what summary.json holds)."""
-    master = DTYPES[cfg.model.dtype]
-    model = load_model(model_dir, device=rt.device, dtype=master, attn_backend=cfg.model.attn_backend)
-    compute_dtype = compute_dtype_for(cfg.model.mixed_precision, rt.device, master)
-    prepare_model(model, cfg.train, distributed=rt.distributed, compute_dtype=compute_dtype)
+    model, master, compute_dtype = _load_prepared(cfg, rt, model_dir, cfg.train)
 
     # 1. reference log-probs of the opponent (= these very weights, before the first step), once per iteration
     t0 = time.perf_counter()
@@ -60,29 +88,18 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
         log.info("reference cache %s: %s (%s), %.1f s", cache_path, ref.status, ref.reason, cache_s)
 
     # 2. training
-    metrics = None
     resuming = checkpoint_dir is not None and (Path(checkpoint_dir) / "latest").is_file()
-    if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not resuming:
-            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        metrics = MetricsLog(out_dir / "metrics.jsonl", out_dir / "tb" if cfg.train.tensorboard else None)
+    metrics = _open_metrics(rt, out_dir, keep=resuming, tensorboard=cfg.train.tensorboard)
     task = SpinTask(pairs, ref.chosen, ref.rejected, cfg.train, rt.device)
     trainer = Trainer(model, task, cfg.train, seed=cfg.seed, device=rt.device, distributed=rt.distributed,
                       metrics=metrics)
     result = trainer.train(checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.train.checkpoint_every)
     if metrics is not None:
         metrics.close()
-    held = heldout_check(model, heldout, held_ref, cfg) if heldout is not None else None
+    held = heldout_check(model, heldout, held_ref, cfg, rt) if heldout is not None else None
 
     # 3. the trained policy as an HF folder
-    t1 = time.perf_counter()
-    state = gather_full_state_dict(model, rt.distributed)
-    if rt.is_main:
-        save_model(model, out_dir, source_dir=model_dir, state_dict=state, dtype=_save_dtype(cfg, model_dir, master))
-    if rt.distributed:
-        torch.distributed.barrier()        # the folder is complete before any rank reads it
-    save_s = time.perf_counter() - t1
+    save_s = _save_trained(cfg, rt, model, model_dir, out_dir, master)
     return {
         "pairs": pairs.num_pairs, "world_size": rt.world, "device": str(rt.device),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
@@ -96,13 +113,13 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
     }
 
 
-def heldout_check(model, heldout, ref, cfg) -> dict:
+def heldout_check(model, heldout, ref, cfg, rt: Runtime) -> dict:
     """The discriminator on held-out prompts: margin_p = β[(log π_θ(y) − log π_t(y)) − (log π_θ(y') − log π_t(y'))]
     with y the human answer and y' the opponent's own; the fraction of pairs with margin > 0 (π_θ tells the human
     answer from the opponent's) and the mean margin. Near 0.5 / 0: the opponent can no longer be told apart."""
     chosen, rejected = refcache.compute_ref_logps(model, heldout, token_budget=cfg.train.micro_batch_tokens,
                                                   impl=cfg.train.impl, memory_budget_bytes=cfg.train.logits_budget_mib
-                                                  << 20, lockstep=torch.distributed.is_initialized())
+                                                  << 20, lockstep=rt.distributed)
     margin = cfg.train.beta * ((chosen - ref.chosen) - (rejected - ref.rejected))            # (P,)
     return {"pairs": heldout.num_pairs, "accuracy": float((margin > 0).float().mean()),
             "mean_margin": float(margin.mean())}
@@ -138,25 +155,14 @@ def sft_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, seqs,
     and metrics.jsonl into out_dir. train_cfg: the TrainCfg to use (default cfg.train)."""
     from .sft import SftTask
     tcfg = train_cfg or cfg.train
-    master = DTYPES[cfg.model.dtype]
-    model = load_model(model_dir, device=rt.device, dtype=master, attn_backend=cfg.model.attn_backend)
-    compute_dtype = compute_dtype_for(cfg.model.mixed_precision, rt.device, master)
-    prepare_model(model, tcfg, distributed=rt.distributed, compute_dtype=compute_dtype)
-    metrics = None
-    if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-        metrics = MetricsLog(out_dir / "metrics.jsonl")
+    model, master, _ = _load_prepared(cfg, rt, model_dir, tcfg)
+    metrics = _open_metrics(rt, out_dir, keep=False, tensorboard=False)
     trainer = Trainer(model, SftTask(seqs, tcfg, rt.device), tcfg, seed=cfg.seed, device=rt.device,
                       distributed=rt.distributed, metrics=metrics)
     result = trainer.train()
     if metrics is not None:
         metrics.close()
-    state = gather_full_state_dict(model, rt.distributed)
-    if rt.is_main:
-        save_model(model, out_dir, source_dir=model_dir, state_dict=state, dtype=_save_dtype(cfg, model_dir, master))
-    if rt.distributed:
-        torch.distributed.barrier()        # the folder is complete before any rank reads it
+    _save_trained(cfg, rt, model, model_dir, out_dir, master)
     return {"sequences": seqs.num_sequences, "steps": result["steps"], "tokens": result["tokens"],
             "wall_s": result["wall_s"], "tokens_per_s": result["tokens_per_s"], "final": result["final"]}
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .kernels import linear_logprobs
-from .packing import IGNORE_INDEX, collate, pair_token_counts, plan_micro_batches, to_torch
+from .packing import IGNORE_INDEX, check_token_range, collate, pair_token_counts, plan_micro_batches, to_torch
 from .runtime import fault_point
 
 log = logging.getLogger(__name__)
@@ -159,11 +159,7 @@ def compute_ref_logps(model, pairs, *, token_budget: int | None = None, impl: st
     """
     rank, world = _dist()
     device, _ = _model_device_dtype(model)
-    vocab = model.lm_head_weight.shape[0]
-    if pairs.tokens.size and (int(pairs.tokens.min()) < 0 or int(pairs.tokens.max()) >= vocab):
-        # checked once here on the host, so the kernels can skip their per-batch range checks (device syncs)
-        raise ValueError(f"pair tokens span [{int(pairs.tokens.min())}, {int(pairs.tokens.max())}] but the model's "
-                         f"vocabulary has {vocab} entries: a tokenizer of another model?")
+    check_token_range(pairs.tokens, model.lm_head_weight.shape[0])      # so the kernels skip their value checks
     counts = pair_token_counts(pairs.seq_offsets)                                  # (P, 2)
     if token_budget is None:
         token_budget = max(8192, int(counts.sum(1).max()))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .chat import render_prompt_response
-from .data import BadRow, _check_conversation, read_rows
+from .data import BadRow, _check_conversation, _truncate, read_rows
 from .kernels import linear_logprobs
 from .packing import IGNORE_INDEX
 
@@ -57,11 +57,7 @@ def load_sft_sequences(paths, tokenizer, *, max_length: int, max_prompt_length: 
                     if "no chat template" in str(e):
                         raise
                     raise BadRow(f"{loc}: {e}") from None
-                if plen > max_prompt_length:
-                    ids, plen = ids[plen - max_prompt_length:], max_prompt_length
-                ids = ids[:max_length]
-                if len(ids) <= plen:
-                    raise BadRow(f"{loc}: no response token left within max_length={max_length}")
+                ids, plen, _, _ = _truncate(loc, ids, plen, max_length, max_prompt_length)
             except BadRow as e:
                 if not skip_bad_rows:
                     raise

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .kernels import spin_loss_from_hidden
-from .packing import collate, pair_token_counts, plan_micro_batches, to_torch
+from .packing import check_token_range, collate, pair_token_counts, plan_micro_batches, to_torch
 from .runtime import fault_point
 
 METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -268,13 +268,6 @@ class MetricsLog:
 
 # --- what is trained: SPIN pairs (or SFT examples, sft.py) ----------------------------------------------------------
 
-def check_token_range(tokens: np.ndarray, vocab: int) -> None:
-    """Once on the host, so every kernel call can skip its value checks (device syncs)."""
-    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
-        raise ValueError(f"training tokens span [{int(tokens.min())}, {int(tokens.max())}] but the model's "
-                         f"vocabulary has {vocab} entries: a tokenizer of another model?")
-
-
 class SpinTask:
     """SPIN pairs against cached reference log-probs (P,) each; units are pairs, the normalizer their count."""
     metric_names = METRIC_NAMES
@@ -330,9 +323,6 @@ class Trainer:
         self.metrics = metrics
         self.max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
 
-    def _micro_batch(self, unit_ids: list[int], normalizer: float) -> torch.Tensor:
-        return self.task.micro_batch(self.model, unit_ids, normalizer)
-
     def _flush(self, window: list[dict], t_start: float, bar) -> None:
         """The one host sync of a window: global metric sums, then one JSONL row per step."""
         vecs = torch.stack([w.pop("vec") for w in window])                                   # (K, 7)
@@ -380,7 +370,7 @@ class Trainer:
             normalizer = self.task.normalizer(step.units)
             vec = None
             for mb in step.micro_batches[self.rank]:
-                v = self._micro_batch(mb, normalizer)
+                v = self.task.micro_batch(self.model, mb, normalizer)
                 vec = v if vec is None else vec + v
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm, foreach=True)
             if hasattr(grad_norm, "full_tensor"):
@@ -406,5 +396,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - t0
-        return {"steps": len(self.steps), "resumed_at": start, "tokens": tokens_done, "wall_s": wall, "dropped_pairs": self.dropped_pairs,
-                "tokens_per_s": tokens_done / max(wall, 1e-9), "final": self.last_row}
+        return {"steps": len(self.steps), "resumed_at": start, "tokens": tokens_done, "wall_s": wall,
+                "dropped_pairs": self.dropped_pairs, "tokens_per_s": tokens_done / max(wall, 1e-9),
+                "final": self.last_row}

@@ -49,7 +49,7 @@ def test_sft_step_gradient_is_mean_token_cross_entropy(tmp_path, micro_batch_tok
     step = trainer.steps[0]
     assert len(step.units) == seqs.num_sequences and (micro_batch_tokens == 2000) == (len(step.micro_batches[0]) == 1)
     norm = trainer.task.normalizer(step.units)
-    vec = sum(trainer._micro_batch(mb, norm) for mb in step.micro_batches[0])
+    vec = sum(trainer.task.micro_batch(trainer.model, mb, norm) for mb in step.micro_batches[0])
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     total, count = 0.0, 0

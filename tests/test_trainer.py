@@ -136,7 +136,7 @@ def test_step_gradient_is_gradient_of_mean_step_loss(tmp_path, loss_type, micro_
     assert len(step.micro_batches[0]) == (1 if micro_batch_tokens == 600 else len(step.micro_batches[0]))
     if micro_batch_tokens == 200:
         assert len(step.micro_batches[0]) > 1
-    vec = sum(trainer._micro_batch(mb, len(step.units)) for mb in step.micro_batches[0])
+    vec = sum(trainer.task.micro_batch(trainer.model, mb, len(step.units)) for mb in step.micro_batches[0])
     got = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
 
     oracle = copy.deepcopy(trainer.model)

@@ -1,8 +1,9 @@
-"""Build spin_fast: the Python package, `kernels/` installed as `spin_fast.kernels`, and the
-optional pybind11 extension `spin_fast._C` compiled from every `csrc/*.cpp`.
+"""Build spin_fast: the Python package (with its `spin_fast.kernels` subpackage, importable from a plain
+checkout too) and the optional pybind11 extension `spin_fast._C` compiled from every `csrc/*.cpp`.
 
-`kernels/` deliberately has no top-level import name of its own: transformers 5 probes for a PyPI
-package called `kernels`, and the repository root is on sys.path under `torchrun -m` and pytest.
+There is deliberately no top-level `kernels` package or folder: transformers 5 probes for a PyPI package
+called `kernels` (the Hub kernels), and the repository root is on sys.path under `torchrun -m` and pytest,
+so a root `kernels/` folder would be found as a namespace package and taken for it.
 """
 import glob
 import os
@@ -37,7 +38,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["spin_fast", "spin_fast.kernels"],
-    package_dir={"spin_fast": "spin_fast", "spin_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

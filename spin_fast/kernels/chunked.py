@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from spin_fast.loss import pair_loss_margin_grad
+from .loss import pair_loss_margin_grad
 
 DEFAULT_MEMORY_BUDGET_BYTES = 64 << 20
 

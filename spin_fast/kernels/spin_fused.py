@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from spin_fast.loss import (check_beta, check_loss_type, check_reduction, pair_loss_margin_grad, pair_losses,
+from .loss import (check_beta, check_loss_type, check_reduction, pair_loss_margin_grad, pair_losses,
                             reference_spin_loss_from_hidden, spin_metrics)
 
 from .checks import check_linear_inputs, check_packed_layout

@@ -4,15 +4,18 @@ loss fused on top, without ever materialising the [tokens, vocab] logits.
     linear_logprobs(hidden, weight, targets)        -> (N,) fp32 log softmax(hidden @ weight.T)[targets]
     spin_loss_from_hidden(hidden, weight, ...)      -> (loss, metrics) for a packed micro-batch of pairs
 
-Implementations (`impl=`): "triton" (kernels/triton_logprobs.py; CUDA, or CPU under TRITON_INTERPRET=1),
-"torch" (kernels/chunked.py; the production path on CPU), "reference" (naive full logits, spin_fast.loss), and
+Implementations (`impl=`): "triton" (triton_logprobs.py; CUDA, or CPU under TRITON_INTERPRET=1),
+"torch" (chunked.py; the production path on CPU), "reference" (naive full logits, loss.py), and
 "auto" = triton on CUDA tensors, torch otherwise.
+
+The subpackage is self-contained: the SPIN maths and the naive references it is tested against live in its own
+loss.py (spin_fast.loss re-exports them); nothing here imports the rest of spin_fast.
 """
 from __future__ import annotations
 
 import torch
 
-from spin_fast.loss import reference_token_logprobs
+from .loss import reference_token_logprobs
 
 from .checks import check_linear_inputs
 from .chunked import ChunkedLinearLogprobs, chunk_rows

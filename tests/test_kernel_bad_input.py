@@ -105,3 +105,17 @@ def test_fused_num_sequences_checked():
         call(b, num_sequences=2, **ref)
     with pytest.raises(ValueError, match="seq_index must have one entry per token"):
         call(dict(b, seq_index=b["seq_index"][:-1]), num_sequences=6, check_values=False, **ref)
+
+
+@pytest.mark.parametrize("softcap,match", [(0.0, "finite and > 0"), (-3.0, "finite and > 0"),
+                                           (float("inf"), "finite and > 0"), ("30", None),
+                                           (torch.tensor(30.0), "Python float"), (True, "Python float")])
+def test_softcap_must_be_positive_finite_number(softcap, match):
+    if match is None:                                   # a number-like string is a number: accepted
+        linear_logprobs(*good(), impl="torch", softcap=softcap)
+        return
+    with pytest.raises(ValueError, match=match):
+        linear_logprobs(*good(), impl="torch", softcap=softcap)
+    b, ref = fused_args()
+    with pytest.raises(ValueError, match=match):
+        call(b, softcap=softcap, **ref)

@@ -5,7 +5,7 @@ import torch
 from spin_fast.kernels import chunk_rows, linear_logprobs
 from spin_fast.loss import reference_token_logprobs
 
-from helpers import assert_oracle_close, needs_triton, on_impl_device
+from helpers import assert_oracle_close, max_err, needs_triton, on_impl_device
 
 # (N, H, V): N=1, N=47, H=31, V=123 not a multiple of any block, 3x47 tokens (B x T flattened), V > a block.
 SHAPES = [(1, 16, 16), (47, 31, 123), (141, 31, 123), (64, 32, 200), (5, 7, 3)]
@@ -63,6 +63,34 @@ def test_matches_fp64_oracle(impl, dtype, shape):
     assert dh.dtype == dtype and dw.dtype == dtype
     assert (out[targets == -100] == 0).all()
     assert_oracle_close("logps", out, base, ref, dtype)
+    assert_oracle_close("dhidden", dh, base_dh, ref_dh, dtype)
+    assert_oracle_close("dweight", dw, base_dw, ref_dw, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(47, 31, 123), (5, 7, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_softcap_matches_fp64_oracle(impl, dtype, shape):
+    """Soft-capped logits c tanh(z / c) with c = 3 against logits of std ~4: most of them in tanh's curved range,
+    so a missing or wrong (1 - (z'/c)^2) factor in either gradient cannot pass."""
+    n, h, v = shape
+    softcap = 3.0
+    hidden, weight, targets, upstream = make_inputs(n, h, v, dtype, seed=7 * n + v)
+    budget = 4 * 4 * v
+
+    def ours(hd, wt, tg):
+        return linear_logprobs(hd, wt, tg, impl=impl, memory_budget_bytes=budget, softcap=softcap)
+
+    out, dh, dw = value_and_grads(on_impl_device(impl, ours), hidden, weight, targets, upstream)
+    ref, ref_dh, ref_dw = value_and_grads(
+        lambda hd, wt, tg: reference_token_logprobs(hd, wt, tg, compute_dtype=torch.float64, softcap=softcap),
+        hidden.double(), weight.double(), targets, upstream)
+    base, base_dh, base_dw = value_and_grads(
+        lambda hd, wt, tg: reference_token_logprobs(hd, wt, tg, upcast_inputs=False, softcap=softcap),
+        hidden, weight, targets, upstream)
+    uncapped = reference_token_logprobs(hidden.double(), weight.double(), targets, compute_dtype=torch.float64)
+    assert max_err(uncapped, ref) > 0.1               # the cap changes the answer by far more than the tolerance
+    assert_oracle_close("logps", out.cpu(), base, ref, dtype)
     assert_oracle_close("dhidden", dh, base_dh, ref_dh, dtype)
     assert_oracle_close("dweight", dw, base_dw, ref_dw, dtype)
 

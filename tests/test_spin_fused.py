@@ -78,6 +78,32 @@ def test_matches_fp64_oracle(impl, dtype, loss_type, layout):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [(5, 2, 23, 31, 123, 0, True), (4, 1, 12, 24, 70, 61, False)],
+                         ids=["ugly", "long-pair"])
+def test_softcap_matches_fp64_oracle(impl, dtype, layout):
+    """Soft-capped logits (c = 1.5 against logits of std ~1.4): one pass, and the long pair's two-pass fallback."""
+    pairs, unpaired, max_len, h, v, long_len, all_ignored = layout
+    batch = random_packed_batch(pairs, unpaired, max_len, h, v, dtype, seed=pairs * 37 + v,
+                                long_pair_len=long_len, all_ignored_sequence=all_ignored)
+    batch["weight"] = batch["weight"] * 1.4
+    _, _, ref_c, ref_r = ref_logps_for(batch)
+    ref_c, ref_r = ref_c.to(dtype).double(), ref_r.to(dtype).double()
+    kw = dict(beta=0.5, loss_type="sigmoid", softcap=1.5)
+    loss, metrics, dh, dw = run(on_impl_device(impl, spin_loss_from_hidden), batch, ref_chosen_logps=ref_c.to(dtype),
+                                ref_rejected_logps=ref_r.to(dtype), impl=impl, memory_budget_bytes=16 * 4 * v, **kw)
+    o_loss, o_metrics, o_dh, o_dw = oracle(batch, ref_c, ref_r, **kw)
+    b_loss, b_metrics, b_dh, b_dw = same_dtype_torch(batch, ref_c.to(dtype), ref_r.to(dtype), **kw)
+    plain = oracle(batch, ref_c, ref_r, beta=0.5, loss_type="sigmoid")
+    assert abs(plain[0].item() - o_loss.item()) > 1e-3                 # the cap matters at this scale
+    assert_oracle_close("loss", loss, b_loss, o_loss, dtype)
+    assert_oracle_close("dhidden", dh, b_dh, o_dh, dtype)
+    assert_oracle_close("dweight", dw, b_dw, o_dw, dtype)
+    for key in METRIC_KEYS:
+        assert_oracle_close(key, metrics[key], b_metrics[key], o_metrics[key], dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_in_pass_reference_equals_precomputed(impl):
     batch = random_packed_batch(4, 1, 20, 16, 50, torch.float32, seed=4)
     ref_hidden, ref_weight, ref_c, ref_r = ref_logps_for(batch)

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90 (fp32 and bf16); needs no GPU.
+"""Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90 (fp32 and bf16, and bf16 with soft-capped logits); needs no GPU.
 
 It proves the kernels type-check, lower through the NVIDIA backend and fit the shared-memory limit of each
 architecture with the default config (aot_compile raises otherwise). Under TRITON_INTERPRET=1 aot_compile compiles
@@ -24,6 +24,6 @@ KERNELS = ("_logprobs_fwd_kernel", "_logprobs_bwd_dhidden_kernel", "_logprobs_bw
 @pytest.mark.parametrize("capability", [90, 80])
 def test_aot_compile_every_kernel(capability):
     names = aot_compile(capability)
-    expected = {f"{k}[{d}]" for k in KERNELS for d in ("fp32", "bf16")}
+    expected = {f"{k}[{d}]" for k in KERNELS for d in ("fp32", "bf16", "bf16,softcap")}
     assert set(names) == expected
     assert len(names) == len(expected)

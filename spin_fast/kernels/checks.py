@@ -7,6 +7,8 @@ trainer's collator) pass `check_values=False`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -21,6 +23,21 @@ def check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     return impl
+
+
+def check_softcap(softcap) -> float | None:
+    """None (plain logits) or a finite c > 0 for the soft-capped logits c * tanh(z / c), as a Python float."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, torch.Tensor) or isinstance(softcap, bool):
+        raise ValueError(f"softcap must be None or a Python float > 0, got {softcap!r}")
+    try:
+        value = float(softcap)
+    except (TypeError, ValueError):
+        raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}") from None
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"softcap must be None or finite and > 0, got {softcap!r}")
+    return value
 
 
 def check_linear_inputs(hidden, weight, targets, ignore_index: int, *, check_values: bool = True,

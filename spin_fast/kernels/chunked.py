@@ -13,6 +13,10 @@ Per-token log-prob of a target under softmax(h @ W^T), never holding more than `
 `rows` comes from a memory budget (bytes for one fp32 chunk of logits), not a constant: every op on the chunk is
 in place, so the extra memory is about one [rows, V] fp32 buffer plus [rows, H] slices of the inputs.
 
+Soft-capped logits (Gemma 2, `softcap` = c): z' = c tanh(z / c) replaces z everywhere above, and the gradient
+through it is dz = dz' * (1 - (z'/c)^2); a backward chunk then holds that factor too (two [rows, V] buffers, so
+`rows` is halved to stay in the budget).
+
 Two algorithms live here:
 - `ChunkedLinearLogprobs`: forward keeps only lse (N,); backward recomputes each chunk of logits (4 matmuls in all
   instead of naive's 3, the price of never storing [N, V]).
@@ -33,12 +37,13 @@ from .loss import pair_loss_margin_grad
 DEFAULT_MEMORY_BUDGET_BYTES = 64 << 20
 
 
-def chunk_rows(vocab_size: int, memory_budget_bytes: int | None) -> int:
-    """Logit rows per chunk: one fp32 [rows, V] buffer (plus a same-size input-dtype copy on CUDA) in the budget."""
+def chunk_rows(vocab_size: int, memory_budget_bytes: int | None, buffers: int = 1) -> int:
+    """Logit rows per chunk: `buffers` fp32 [rows, V] buffers (plus a same-size input-dtype copy on CUDA) in the
+    budget."""
     budget = DEFAULT_MEMORY_BUDGET_BYTES if memory_budget_bytes is None else int(memory_budget_bytes)
     if budget <= 0:
         raise ValueError(f"memory_budget_bytes must be > 0, got {memory_budget_bytes}")
-    return max(1, budget // (4 * vocab_size))
+    return max(1, budget // (4 * vocab_size * buffers))
 
 
 def matmul_dtype(t: torch.Tensor) -> torch.dtype:
@@ -54,10 +59,24 @@ def _softmax_dtype(mm_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if mm_dtype == torch.float64 else torch.float32
 
 
-def _chunk_logits(h: torch.Tensor, w_mm: torch.Tensor) -> torch.Tensor:
-    """(C, H) x (V, H)^T -> (C, V) logits in fp32 (fp64 for fp64)."""
-    logits = h.to(w_mm.dtype) @ w_mm.t()                                      # (C, V)
-    return logits.to(_softmax_dtype(w_mm.dtype))
+def _chunk_logits(h: torch.Tensor, w_mm: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """(C, H) x (V, H)^T -> (C, V) logits in fp32 (fp64 for fp64), soft-capped c tanh(z / c) if softcap = c."""
+    logits = (h.to(w_mm.dtype) @ w_mm.t()).to(_softmax_dtype(w_mm.dtype))    # (C, V), a fresh buffer
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
+
+
+def _softcap_grad_factor(capped: torch.Tensor, softcap: float | None):
+    """dz'/dz = 1 - (z'/c)^2 for soft-capped logits z' (C, V); None without soft-capping. A second (C, V) buffer."""
+    if softcap is None:
+        return None
+    factor = capped / softcap
+    return factor.mul_(factor).neg_().add_(1.0)
+
+
+def _rows_for(weight: torch.Tensor, memory_budget_bytes, softcap, backward: bool) -> int:
+    return chunk_rows(weight.shape[0], memory_budget_bytes, 2 if backward and softcap is not None else 1)
 
 
 def _lse_target_inplace(logits: torch.Tensor, safe_targets: torch.Tensor):
@@ -94,11 +113,11 @@ def _weight_for_matmul(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().to(matmul_dtype(weight))
 
 
-def chunked_logprobs_forward(hidden, weight, targets, ignore_index=-100, memory_budget_bytes=None):
+def chunked_logprobs_forward(hidden, weight, targets, ignore_index=-100, memory_budget_bytes=None, softcap=None):
     """(N, H), (V, H), (N,) -> token log-probs (N,) and lse (N,), both fp32 (fp64 for fp64 inputs)."""
     w_mm = _weight_for_matmul(weight)
     n = hidden.shape[0]
-    rows = chunk_rows(weight.shape[0], memory_budget_bytes)
+    rows = _rows_for(weight, memory_budget_bytes, softcap, backward=False)
     out_dtype = _softmax_dtype(w_mm.dtype)
     token_logps = torch.empty(n, dtype=out_dtype, device=hidden.device)     # (N,)
     lse = torch.empty(n, dtype=out_dtype, device=hidden.device)             # (N,)
@@ -106,7 +125,7 @@ def chunked_logprobs_forward(hidden, weight, targets, ignore_index=-100, memory_
     safe_targets = torch.where(valid, targets, 0)
     for start in range(0, n, rows):
         sl = slice(start, min(start + rows, n))
-        logits = _chunk_logits(hidden[sl].detach(), w_mm)                   # (C, V)
+        logits = _chunk_logits(hidden[sl].detach(), w_mm, softcap)          # (C, V)
         lse_c, tgt_c, _ = _lse_target_inplace(logits, safe_targets[sl])
         del logits
         lse[sl] = lse_c
@@ -115,11 +134,11 @@ def chunked_logprobs_forward(hidden, weight, targets, ignore_index=-100, memory_
 
 
 def chunked_logprobs_backward(hidden, weight, targets, lse, grad_token, ignore_index=-100,
-                              need_hidden_grad=True, need_weight_grad=True, memory_budget_bytes=None):
+                              need_hidden_grad=True, need_weight_grad=True, memory_budget_bytes=None, softcap=None):
     """Recompute each chunk's logits and return (dhidden | None, dweight | None) in the inputs' dtypes."""
     w_mm = _weight_for_matmul(weight)
     n = hidden.shape[0]
-    rows = chunk_rows(weight.shape[0], memory_budget_bytes)
+    rows = _rows_for(weight, memory_budget_bytes, softcap, backward=True)
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, 0)
     grad_token = torch.where(valid, grad_token.to(lse.dtype), 0.0)
@@ -129,14 +148,17 @@ def chunked_logprobs_backward(hidden, weight, targets, lse, grad_token, ignore_i
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         h = hidden[start:stop].detach()
-        logits = _chunk_logits(h, w_mm)                                      # (C, V)
+        logits = _chunk_logits(h, w_mm, softcap)                             # (C, V)
+        factor = _softcap_grad_factor(logits, softcap)                       # (C, V) or None
         # softmax = exp(z - lse) directly from the saved lse: one fewer reduction than the forward.
         logits.sub_(lse[start:stop].unsqueeze(1)).exp_()
         ones = torch.ones(stop - start, dtype=logits.dtype, device=logits.device)
         dz = _dlogits_from_exp_inplace(logits, ones, grad_token[start:stop], safe_targets[start:stop])
+        if factor is not None:
+            dz.mul_(factor)                                                  # through the soft cap
         rows_index = torch.arange(start, stop, device=hidden.device)
         _accumulate_grads(dz, h, w_mm, rows_index, dhidden, dweight_acc)
-        del logits, dz
+        del logits, dz, factor
     dweight = dweight_acc.to(weight.dtype) if dweight_acc is not None else None
     return dhidden, dweight
 
@@ -145,11 +167,13 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
     """token_logps = log_softmax(hidden @ weight.T)[targets] with O(rows * V) extra memory, logits recomputed."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, memory_budget_bytes):
-        token_logps, lse = chunked_logprobs_forward(hidden, weight, targets, ignore_index, memory_budget_bytes)
+    def forward(ctx, hidden, weight, targets, ignore_index, memory_budget_bytes, softcap=None):
+        token_logps, lse = chunked_logprobs_forward(hidden, weight, targets, ignore_index, memory_budget_bytes,
+                                                    softcap)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.ignore_index = ignore_index
         ctx.memory_budget_bytes = memory_budget_bytes
+        ctx.softcap = softcap
         return token_logps.float() if hidden.dtype != torch.float64 else token_logps
 
     @staticmethod
@@ -158,8 +182,8 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         dhidden, dweight = chunked_logprobs_backward(
             hidden, weight, targets, lse, grad_output, ctx.ignore_index,
             need_hidden_grad=ctx.needs_input_grad[0], need_weight_grad=ctx.needs_input_grad[1],
-            memory_budget_bytes=ctx.memory_budget_bytes)
-        return dhidden, dweight, None, None, None
+            memory_budget_bytes=ctx.memory_budget_bytes, softcap=ctx.softcap)
+        return dhidden, dweight, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -184,7 +208,8 @@ def _pair_aligned_groups(pair_token_counts: list[int], rows: int):
 
 def chunked_spin_fused(hidden, weight, targets, seq_index, chosen_index, rejected_index,
                        ref_chosen_logps, ref_rejected_logps, num_sequences, *, beta, loss_type, grad_scale,
-                       ignore_index=-100, need_hidden_grad=True, need_weight_grad=True, memory_budget_bytes=None):
+                       ignore_index=-100, need_hidden_grad=True, need_weight_grad=True, memory_budget_bytes=None,
+                       softcap=None):
     """Sequence log-prob sums (S,) and, if asked, dL/dhidden and dL/dweight of L = grad_scale * sum_p l(m_p).
 
     grad_scale: float or 0-d tensor (1/P for a mean, 1/global_pairs for a globally normalised sum).
@@ -196,7 +221,8 @@ def chunked_spin_fused(hidden, weight, targets, seq_index, chosen_index, rejecte
     w_mm = _weight_for_matmul(weight)
     acc_dtype = _softmax_dtype(w_mm.dtype)
     num_pairs = chosen_index.numel()
-    rows = chunk_rows(weight.shape[0], memory_budget_bytes)
+    want_grad = need_hidden_grad or need_weight_grad
+    rows = _rows_for(weight, memory_budget_bytes, softcap, backward=want_grad)
 
     # Which pair, and which side (+1 chosen / -1 rejected), each sequence is on.
     pair_of_seq = torch.full((num_sequences,), -1, dtype=torch.long, device=device)       # (S,)
@@ -217,7 +243,6 @@ def chunked_spin_fused(hidden, weight, targets, seq_index, chosen_index, rejecte
     seq_logps = torch.zeros(num_sequences, dtype=acc_dtype, device=device)                # (S,)
     ref_chosen = ref_chosen_logps.to(acc_dtype)
     ref_rejected = ref_rejected_logps.to(acc_dtype)
-    want_grad = need_hidden_grad or need_weight_grad
     dhidden = torch.zeros_like(hidden) if need_hidden_grad else None
     dweight_acc = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight_grad else None
 
@@ -237,20 +262,23 @@ def chunked_spin_fused(hidden, weight, targets, seq_index, chosen_index, rejecte
             tok = tokens[t0:t1]                                                           # (C,)
             h = hidden.detach().index_select(0, tok)                                      # (C, H)
             safe_t = targets[tok]
-            logits = _chunk_logits(h, w_mm)                                               # (C, V)
+            logits = _chunk_logits(h, w_mm, softcap)                                      # (C, V)
+            factor = _softcap_grad_factor(logits, softcap) if want_grad else None          # (C, V) or None
             lse, tgt, sum_exp = _lse_target_inplace(logits, safe_t)
             seq_logps.index_add_(0, seq_index[tok], tgt - lse)
             if want_grad:
                 dz = _dlogits_from_exp_inplace(logits, sum_exp, token_grads(tok, first_pair, end_pair), safe_t)
+                if factor is not None:
+                    dz.mul_(factor)
                 _accumulate_grads(dz, h, w_mm, tok, dhidden, dweight_acc)
-            del logits
+            del logits, factor
             continue
         # A single pair longer than a chunk: stream it twice (sums first, then gradients from the saved lse).
         group = tokens[t0:t1]
         group_lse = torch.empty(group.numel(), dtype=acc_dtype, device=device)
         for s0 in range(0, group.numel(), rows):
             tok = group[s0:s0 + rows]
-            logits = _chunk_logits(hidden.detach().index_select(0, tok), w_mm)
+            logits = _chunk_logits(hidden.detach().index_select(0, tok), w_mm, softcap)
             lse, tgt, _ = _lse_target_inplace(logits, targets[tok])
             group_lse[s0:s0 + rows] = lse
             seq_logps.index_add_(0, seq_index[tok], tgt - lse)
@@ -261,12 +289,15 @@ def chunked_spin_fused(hidden, weight, targets, seq_index, chosen_index, rejecte
         for s0 in range(0, group.numel(), rows):
             tok = group[s0:s0 + rows]
             h = hidden.detach().index_select(0, tok)
-            logits = _chunk_logits(h, w_mm)
+            logits = _chunk_logits(h, w_mm, softcap)
+            factor = _softcap_grad_factor(logits, softcap)
             logits.sub_(group_lse[s0:s0 + rows].unsqueeze(1)).exp_()
             ones = torch.ones(tok.numel(), dtype=acc_dtype, device=device)
             dz = _dlogits_from_exp_inplace(logits, ones, g_group[s0:s0 + rows], targets[tok])
+            if factor is not None:
+                dz.mul_(factor)
             _accumulate_grads(dz, h, w_mm, tok, dhidden, dweight_acc)
-            del logits, dz
+            del logits, dz, factor
 
     dweight = dweight_acc.to(weight.dtype) if dweight_acc is not None else None
     return seq_logps, dhidden, dweight

@@ -152,18 +152,26 @@ def spin_loss(
 # Naive references: full [N, V] logits. The oracle for tests and the "what users run today" row of benchmarks.
 # ----------------------------------------------------------------------------------------------------------------
 
+def softcap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma 2's logit soft-capping z' = c * tanh(z / c) (identity for softcap None); dz'/dz = 1 - (z'/c)^2."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
 def reference_token_logprobs(hidden, weight, targets, ignore_index: int = -100, compute_dtype=torch.float32,
-                             upcast_inputs: bool = True):
+                             upcast_inputs: bool = True, softcap: float | None = None):
     """log softmax(hidden @ weight.T)[target] per token, 0 where target == ignore_index. Materialises [N, V].
 
     This is what the official SPIN code and TRL do (fp32 logits, log_softmax, gather).
     hidden (N, H), weight (V, H), targets (N,) int64 -> (N,) float32 (or compute_dtype).
     upcast_inputs=False runs the matmul in the inputs' dtype and upcasts the logits (TRL's bf16 recipe).
+    softcap: c of the soft-capped logits c * tanh(z / c) (Gemma 2's final_logit_softcapping), applied in
+    compute_dtype; None = plain logits.
     """
     if upcast_inputs:
         logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).t()      # (N, V)
     else:
         logits = (hidden @ weight.t()).to(compute_dtype)                      # (N, V)
+    logits = softcap_logits(logits, softcap)                                  # (N, V)
     logprobs = torch.log_softmax(logits, dim=-1)                              # (N, V)
     valid = targets != ignore_index                                           # (N,)
     safe_targets = torch.where(valid, targets, 0)
@@ -181,7 +189,7 @@ def reference_spin_loss_from_hidden(
     hidden, weight, targets, seq_index, chosen_index, rejected_index,
     ref_chosen_logps=None, ref_rejected_logps=None, *, ref_hidden=None, ref_weight=None,
     beta=0.1, loss_type="sigmoid", reduction="mean", ignore_index=-100, compute_dtype=torch.float32,
-    upcast_inputs=True,
+    upcast_inputs=True, softcap=None,
 ):
     """The naive packed SPIN loss: full logits for policy (and reference, if given as hidden states).
 
@@ -190,12 +198,13 @@ def reference_spin_loss_from_hidden(
     """
     num_sequences = int(max(chosen_index.max(), rejected_index.max()).item()) + 1 if chosen_index.numel() else 0
     num_sequences = max(num_sequences, int(seq_index.max().item()) + 1 if seq_index.numel() else 0)
-    token_logps = reference_token_logprobs(hidden, weight, targets, ignore_index, compute_dtype, upcast_inputs)
+    token_logps = reference_token_logprobs(hidden, weight, targets, ignore_index, compute_dtype, upcast_inputs,
+                                           softcap)
     seq_logps = reference_sequence_logps(token_logps, seq_index, num_sequences)
     if ref_chosen_logps is None:
         with torch.no_grad():
             ref_token = reference_token_logprobs(ref_hidden, ref_weight, targets, ignore_index, compute_dtype,
-                                                 upcast_inputs)
+                                                 upcast_inputs, softcap)
             ref_seq = reference_sequence_logps(ref_token, seq_index, num_sequences)
         ref_chosen_logps, ref_rejected_logps = ref_seq[chosen_index], ref_seq[rejected_index]
     return spin_loss(seq_logps[chosen_index], seq_logps[rejected_index],

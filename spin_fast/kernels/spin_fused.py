@@ -27,7 +27,7 @@ import torch
 from .loss import (check_beta, check_loss_type, check_reduction, pair_loss_margin_grad, pair_losses,
                             reference_spin_loss_from_hidden, spin_metrics)
 
-from .checks import check_linear_inputs, check_packed_layout
+from .checks import check_linear_inputs, check_packed_layout, check_softcap
 from .chunked import chunked_logprobs_forward, chunked_spin_fused
 from .dispatch import resolve_impl
 
@@ -37,21 +37,22 @@ def _sequence_sums(token_logps, seq_index, num_sequences):
         0, seq_index, token_logps)
 
 
-def _forward_only_logps(impl, hidden, weight, targets, ignore_index, memory_budget_bytes, triton_config):
+def _forward_only_logps(impl, hidden, weight, targets, ignore_index, memory_budget_bytes, triton_config, softcap):
     """Token log-probs without autograd (reference log-probs computed in the same pass)."""
     if impl == "triton":
         from .triton_logprobs import triton_logprobs_forward
-        return triton_logprobs_forward(hidden, weight, targets, ignore_index, triton_config)[0]
-    return chunked_logprobs_forward(hidden, weight, targets, ignore_index, memory_budget_bytes)[0]
+        return triton_logprobs_forward(hidden, weight, targets, ignore_index, triton_config, softcap)[0]
+    return chunked_logprobs_forward(hidden, weight, targets, ignore_index, memory_budget_bytes, softcap)[0]
 
 
 def _triton_two_pass(hidden, weight, targets, seq_index, chosen_index, rejected_index, ref_chosen, ref_rejected,
                      num_sequences, *, beta, loss_type, grad_scale, ignore_index, need_hidden_grad, need_weight_grad,
-                     triton_config=None):
+                     triton_config=None, softcap=None):
     """Pass 1: Triton forward -> sequence sums. Pass 2: Triton backward with g_n = +-l'(m_p) * grad_scale."""
     from .triton_logprobs import triton_logprobs_backward, triton_logprobs_forward
 
-    token_logps, lse = triton_logprobs_forward(hidden, weight, targets, ignore_index, triton_config)   # (N,) (N,)
+    token_logps, lse = triton_logprobs_forward(hidden, weight, targets, ignore_index, triton_config,
+                                               softcap)                                               # (N,) (N,)
     seq_logps = _sequence_sums(token_logps, seq_index, num_sequences)                                 # (S,)
     dhidden = dweight = None
     if need_hidden_grad or need_weight_grad:
@@ -63,7 +64,7 @@ def _triton_two_pass(hidden, weight, targets, seq_index, chosen_index, rejected_
         seq_grad[rejected_index] = -dl_dm.float()
         grad_token = seq_grad[seq_index]                                                               # (N,)
         dhidden, dweight = triton_logprobs_backward(hidden, weight, targets, lse, grad_token, ignore_index,
-                                                    need_hidden_grad, need_weight_grad, triton_config)
+                                                    need_hidden_grad, need_weight_grad, triton_config, softcap)
     return seq_logps, dhidden, dweight
 
 
@@ -78,7 +79,7 @@ class FusedSpinLoss(torch.autograd.Function):
         grad_scale = opts["grad_scale"]
         common = dict(beta=opts["beta"], loss_type=opts["loss_type"], grad_scale=grad_scale,
                       ignore_index=opts["ignore_index"], need_hidden_grad=need_hidden_grad,
-                      need_weight_grad=need_weight_grad)
+                      need_weight_grad=need_weight_grad, softcap=opts["softcap"])
         if opts["impl"] == "triton":
             seq_logps, dhidden, dweight = _triton_two_pass(
                 hidden, weight, targets, seq_index, chosen_index, rejected_index, ref_chosen, ref_rejected,
@@ -164,6 +165,7 @@ def spin_loss_from_hidden(
     check_values: bool = True,
     memory_budget_bytes: int | None = None,
     triton_config=None,
+    softcap: float | None = None,
 ):
     """SPIN loss of a packed micro-batch straight from final hidden states. Returns (loss, metrics).
 
@@ -175,12 +177,15 @@ def spin_loss_from_hidden(
     formed in the forward pass, which needs a scalar loss; use `linear_logprobs` + `spin_fast.loss.spin_loss` then.
     num_sequences: S, if the caller knows it (saves a host sync on CUDA); check_values=False skips the value checks
     (targets and indices in range), which are host syncs on CUDA, for callers that validated on the host.
+    softcap: None, or c > 0 for soft-capped logits c * tanh(z / c) (Gemma 2), for the policy and for a
+    reference given as hidden states.
     metrics: as `spin_fast.loss.spin_loss` (0-d tensors, no host sync).
     """
     beta = check_beta(beta)
     check_loss_type(loss_type)
     check_reduction(reduction, allowed=("mean", "sum"))
     targets = check_linear_inputs(hidden, weight, targets, ignore_index, check_values=check_values)
+    softcap = check_softcap(softcap)
     impl = resolve_impl(impl, hidden)
     num_sequences = check_packed_layout(hidden.shape[0], seq_index, chosen_index, rejected_index, hidden.device,
                                         num_sequences=num_sequences, check_values=check_values)
@@ -208,14 +213,14 @@ def spin_loss_from_hidden(
         loss_sum, metrics = reference_spin_loss_from_hidden(
             hidden, weight, targets, seq_index, chosen_index, rejected_index, ref_chosen_logps, ref_rejected_logps,
             ref_hidden=ref_hidden, ref_weight=ref_weight, beta=beta, loss_type=loss_type, reduction="sum",
-            ignore_index=ignore_index,
+            ignore_index=ignore_index, softcap=softcap,
             compute_dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         return loss_sum * grad_scale, metrics
 
     if ref_hidden is not None:
         with torch.no_grad():
             ref_tokens = _forward_only_logps(impl, ref_hidden.detach(), ref_weight.detach(), targets, ignore_index,
-                                             memory_budget_bytes, triton_config)                      # (N,)
+                                             memory_budget_bytes, triton_config, softcap)             # (N,)
             ref_seq = _sequence_sums(ref_tokens, seq_index, num_sequences)                             # (S,)
             ref_chosen_logps, ref_rejected_logps = ref_seq[chosen_index], ref_seq[rejected_index]
     acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -223,7 +228,8 @@ def spin_loss_from_hidden(
     ref_rejected = ref_rejected_logps.detach().to(acc_dtype)
 
     opts = dict(impl=impl, beta=beta, loss_type=loss_type, grad_scale=grad_scale, ignore_index=ignore_index,
-                num_sequences=num_sequences, memory_budget_bytes=memory_budget_bytes, triton_config=triton_config)
+                num_sequences=num_sequences, memory_budget_bytes=memory_budget_bytes, triton_config=triton_config,
+                softcap=softcap)
     loss, policy_chosen, policy_rejected = FusedSpinLoss.apply(
         hidden, weight, targets, seq_index, chosen_index, rejected_index, ref_chosen, ref_rejected, opts)
     metrics = spin_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)

@@ -189,12 +189,38 @@ def _logits_tile(
 
 
 @triton.jit
+def _tanh(x):
+    """tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|): never overflows, absolute error ~1e-7 in fp32.
+    (libdevice's tanh would be one instruction on the GPU but does not exist in the interpreter.)"""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _softcap_tile(z, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Gemma 2's soft-capped logits z' = c tanh(z / c) (identity without HAS_SOFTCAP)."""
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def _softcap_grad(dz, z, softcap, HAS_SOFTCAP: tl.constexpr):
+    """dL/dz = dL/dz' * (1 - (z'/c)^2) from the capped logits z' (identity without HAS_SOFTCAP)."""
+    if HAS_SOFTCAP:
+        t = z / softcap
+        dz = dz * (1.0 - t * t)
+    return dz
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     hidden_ptr, weight_ptr, targets_ptr,
     part_max_ptr, part_sum_ptr, part_tgt_ptr,        # (V_SPLITS, N) fp32 each
-    N, V, H, stride_hn, stride_wv, v_per_split,
+    N, V, H, stride_hn, stride_wv, v_per_split, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -215,6 +241,7 @@ def _logprobs_fwd_kernel(
         mask_v = offs_v < v_hi
         z = _logits_tile(hidden_ptr, weight_ptr, offs_n, mask_n, offs_v, mask_v, H, stride_hn, stride_wv,
                          BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, INPUT_PRECISION)      # (BLOCK_N, BLOCK_V)
+        z = _softcap_tile(z, softcap, HAS_SOFTCAP)
         # Columns outside the range must not enter the softmax: exp(-inf) = 0. Every tile has >= 1 valid column,
         # so m_new is finite and exp(m_i - m_new) never sees (-inf) - (-inf).
         z = tl.where(mask_v[None, :], z, float("-inf"))
@@ -282,9 +309,9 @@ def _load_token_rows(targets_ptr, lse_ptr, grad_ptr, offs_n, mask_n, ignore_inde
 def _logprobs_bwd_dhidden_kernel(
     hidden_ptr, weight_ptr, targets_ptr, lse_ptr, grad_ptr,
     dhidden_ptr,                                     # (N, H) fp32 accumulation buffer, zero-initialised
-    N, V, H, stride_hn, stride_wv, stride_dn, ignore_index,
+    N, V, H, stride_hn, stride_wv, stride_dn, ignore_index, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)   # (BLOCK_N,)
@@ -298,7 +325,9 @@ def _logprobs_bwd_dhidden_kernel(
             mask_v = offs_v < V
             z = _logits_tile(hidden_ptr, weight_ptr, offs_n, mask_n, offs_v, mask_v, H, stride_hn, stride_wv,
                              BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, INPUT_PRECISION)  # (BLOCK_N, BLOCK_V)
+            z = _softcap_tile(z, softcap, HAS_SOFTCAP)
             dz = _dlogits_tile(z, offs_v, mask_v, tgt, lse, g)                     # (BLOCK_N, BLOCK_V) fp32
+            dz = _softcap_grad(dz, z, softcap, HAS_SOFTCAP)
             if not UPCAST:
                 dz = dz.to(weight_ptr.dtype.element_ty)    # bf16/fp16 tensor cores for the gradient matmul
             # dhidden[n_tile, :] += dz @ weight[v_tile, :]
@@ -310,9 +339,9 @@ def _logprobs_bwd_dhidden_kernel(
 def _logprobs_bwd_dweight_kernel(
     hidden_ptr, weight_ptr, targets_ptr, lse_ptr, grad_ptr,
     dweight_ptr,                                     # (V, H) fp32 accumulation buffer, zero-initialised
-    N, V, H, stride_hn, stride_wv, stride_dv, ignore_index,
+    N, V, H, stride_hn, stride_wv, stride_dv, ignore_index, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
     offs_v = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)   # (BLOCK_V,)
@@ -324,7 +353,9 @@ def _logprobs_bwd_dweight_kernel(
         if tl.max(tl.abs(g), axis=0) > 0.0:          # an all-ignored N tile adds nothing to dweight
             z = _logits_tile(hidden_ptr, weight_ptr, offs_n, mask_n, offs_v, mask_v, H, stride_hn, stride_wv,
                              BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, INPUT_PRECISION)  # (BLOCK_N, BLOCK_V)
+            z = _softcap_tile(z, softcap, HAS_SOFTCAP)
             dz = _dlogits_tile(z, offs_v, mask_v, tgt, lse, g)                     # (BLOCK_N, BLOCK_V) fp32
+            dz = _softcap_grad(dz, z, softcap, HAS_SOFTCAP)
             if not UPCAST:
                 dz = dz.to(hidden_ptr.dtype.element_ty)
             # dweight[v_tile, :] += dz^T @ hidden[n_tile, :]
@@ -357,6 +388,11 @@ class _on_device:
         return False
 
 
+def _softcap_arg(softcap: Optional[float]) -> float:
+    # The kernels read it only when HAS_SOFTCAP; 1.0 keeps the fp32 argument well defined otherwise.
+    return 1.0 if softcap is None else float(softcap)
+
+
 def _num_v_splits(n_tiles: int, v_tiles: int, device: torch.device, config: TritonConfig) -> int:
     if config.v_splits is not None:
         return max(1, min(config.v_splits, v_tiles))
@@ -367,10 +403,11 @@ def _num_v_splits(n_tiles: int, v_tiles: int, device: torch.device, config: Trit
     return 1
 
 
-def triton_logprobs_forward(hidden, weight, targets, ignore_index: int = -100, config: "TritonConfig|None" = None):
+def triton_logprobs_forward(hidden, weight, targets, ignore_index: int = -100, config: "TritonConfig|None" = None,
+                            softcap: Optional[float] = None):
     """hidden (N,H) fp32/bf16/fp16 contiguous, weight (V,H) same dtype, targets (N,) int64.
     Returns (token_logps (N,) fp32, lse (N,) fp32): log softmax(hidden @ weight.T)[target], 0 where target==ignore_index.
-    Never materialises (N,V)."""
+    softcap = c: the logits are c * tanh(z / c) (Gemma 2). Never materialises (N,V)."""
     config = _resolve_config(config)
     hidden = hidden.contiguous()
     weight = weight.contiguous()
@@ -395,10 +432,10 @@ def triton_logprobs_forward(hidden, weight, targets, ignore_index: int = -100, c
     with _on_device(device):
         _logprobs_fwd_kernel[(n_tiles, splits)](
             hidden, weight, targets, part_max, part_sum, part_tgt,
-            N, V, H, hidden.stride(0), weight.stride(0), v_per_split,
+            N, V, H, hidden.stride(0), weight.stride(0), v_per_split, _softcap_arg(softcap),
             BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h,
             UPCAST=config.upcast, INPUT_PRECISION=_input_precision(hidden.dtype, config),
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            HAS_SOFTCAP=softcap is not None, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     if splits == 1:
         lse = part_max[0] + torch.log(part_sum[0])                                # (N,)
@@ -413,7 +450,7 @@ def triton_logprobs_forward(hidden, weight, targets, ignore_index: int = -100, c
 
 
 def triton_logprobs_backward(hidden, weight, targets, lse, grad_token, ignore_index=-100, need_hidden_grad=True,
-                             need_weight_grad=True, config=None):
+                             need_weight_grad=True, config=None, softcap=None):
     """grad_token (N,) fp32: upstream dL/d token_logp (arbitrary per token). Returns (dhidden or None, dweight or None)
     in hidden's / weight's dtype. dL/dlogits[n,v] = grad_token[n] * (1[v==target_n] - exp(logit[n,v] - lse[n])), zero rows
     where target==ignore_index. dhidden = dlogits @ weight, dweight = dlogits.T @ hidden, both accumulated in fp32."""
@@ -429,7 +466,7 @@ def triton_logprobs_backward(hidden, weight, targets, lse, grad_token, ignore_in
     meta = dict(
         BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h,
         UPCAST=config.upcast, INPUT_PRECISION=_input_precision(hidden.dtype, config),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        HAS_SOFTCAP=softcap is not None, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     dhidden = dweight = None
     with _on_device(device):
@@ -438,7 +475,8 @@ def triton_logprobs_backward(hidden, weight, targets, lse, grad_token, ignore_in
             if N > 0:
                 _logprobs_bwd_dhidden_kernel[(triton.cdiv(N, config.block_n),)](
                     hidden, weight, targets, lse, grad_token, dh,
-                    N, V, H, hidden.stride(0), weight.stride(0), dh.stride(0), ignore_index, **meta,
+                    N, V, H, hidden.stride(0), weight.stride(0), dh.stride(0), ignore_index, _softcap_arg(softcap),
+                    **meta,
                 )
             dhidden = dh.to(hidden.dtype)
         if need_weight_grad:
@@ -446,7 +484,8 @@ def triton_logprobs_backward(hidden, weight, targets, lse, grad_token, ignore_in
             if N > 0:
                 _logprobs_bwd_dweight_kernel[(triton.cdiv(V, config.block_v),)](
                     hidden, weight, targets, lse, grad_token, dw,
-                    N, V, H, hidden.stride(0), weight.stride(0), dw.stride(0), ignore_index, **meta,
+                    N, V, H, hidden.stride(0), weight.stride(0), dw.stride(0), ignore_index, _softcap_arg(softcap),
+                    **meta,
                 )
             dweight = dw.to(weight.dtype)
     return dhidden, dweight
@@ -455,18 +494,20 @@ def triton_logprobs_backward(hidden, weight, targets, lse, grad_token, ignore_in
 class TritonLinearLogprobs(torch.autograd.Function):
     """token_logps = log softmax(hidden @ weight.T)[targets] with the Triton kernels; O(N) saved state.
 
-    forward(ctx, hidden (N,H), weight (V,H), targets (N,) int64, ignore_index=-100, config=None) -> (N,) fp32.
+    forward(ctx, hidden (N,H), weight (V,H), targets (N,) int64, ignore_index=-100, config=None, softcap=None)
+    -> (N,) fp32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index=-100, config=None):
+    def forward(ctx, hidden, weight, targets, ignore_index=-100, config=None, softcap=None):
         hidden = hidden.contiguous()
         weight = weight.contiguous()
         targets = targets.contiguous()
-        token_logps, lse = triton_logprobs_forward(hidden, weight, targets, ignore_index, config)
+        token_logps, lse = triton_logprobs_forward(hidden, weight, targets, ignore_index, config, softcap)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.ignore_index = ignore_index
         ctx.config = config
+        ctx.softcap = softcap
         return token_logps
 
     @staticmethod
@@ -475,8 +516,9 @@ class TritonLinearLogprobs(torch.autograd.Function):
         dhidden, dweight = triton_logprobs_backward(
             hidden, weight, targets, lse, grad_output, ctx.ignore_index,
             need_hidden_grad=ctx.needs_input_grad[0], need_weight_grad=ctx.needs_input_grad[1], config=ctx.config,
+            softcap=ctx.softcap,
         )
-        return dhidden, dweight, None, None, None
+        return dhidden, dweight, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -489,7 +531,8 @@ _KERNELS = {
     "_logprobs_bwd_dweight_kernel": _logprobs_bwd_dweight_kernel,
 }
 _SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}   # opt-in max dynamic smem per block, bytes
-_AOT_DTYPES = ("fp32", "bf16")
+# (input dtype, soft-capped logits): both dtypes plain, and bf16 with Gemma 2's soft-capping.
+_AOT_VARIANTS = (("fp32", False), ("bf16", False), ("bf16", True))
 
 
 def _aot_signature(name: str, dtype: str) -> dict:
@@ -497,12 +540,13 @@ def _aot_signature(name: str, dtype: str) -> dict:
     if name == "_logprobs_fwd_kernel":
         return {"hidden_ptr": p, "weight_ptr": p, "targets_ptr": "*i64",
                 "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "part_tgt_ptr": "*fp32",
-                "N": "i32", "V": "i32", "H": "i32", "stride_hn": "i32", "stride_wv": "i32", "v_per_split": "i32"}
+                "N": "i32", "V": "i32", "H": "i32", "stride_hn": "i32", "stride_wv": "i32", "v_per_split": "i32",
+                "softcap": "fp32"}
     stride_out = "stride_dn" if name == "_logprobs_bwd_dhidden_kernel" else "stride_dv"
     out = "dhidden_ptr" if name == "_logprobs_bwd_dhidden_kernel" else "dweight_ptr"
     return {"hidden_ptr": p, "weight_ptr": p, "targets_ptr": "*i64", "lse_ptr": "*fp32", "grad_ptr": "*fp32",
             out: "*fp32", "N": "i32", "V": "i32", "H": "i32", "stride_hn": "i32", "stride_wv": "i32",
-            stride_out: "i32", "ignore_index": "i32"}
+            stride_out: "i32", "ignore_index": "i32", "softcap": "fp32"}
 
 
 def _aot_compile_report(capability: int, config: Optional[TritonConfig] = None) -> list:
@@ -514,9 +558,10 @@ def _aot_compile_report(capability: int, config: Optional[TritonConfig] = None) 
     target = GPUTarget("cuda", capability, 32)
     report = []
     for name, kernel in _KERNELS.items():
-        for dtype in _AOT_DTYPES:
+        for dtype, softcap in _AOT_VARIANTS:
             constexprs = {"BLOCK_N": config.block_n, "BLOCK_V": config.block_v, "BLOCK_H": config.block_h,
-                          "UPCAST": False, "INPUT_PRECISION": config.fp32_precision if dtype == "fp32" else "ieee"}
+                          "UPCAST": False, "INPUT_PRECISION": config.fp32_precision if dtype == "fp32" else "ieee",
+                          "HAS_SOFTCAP": softcap}
             signature = _aot_signature(name, dtype)
             # What the JIT specialises at real shapes (H = 4096, 16-byte aligned torch allocations): pointers and
             # H / row strides divisible by 16. Without it the loads cannot become cp.async and are not pipelined.
@@ -530,7 +575,7 @@ def _aot_compile_report(capability: int, config: Optional[TritonConfig] = None) 
             if limit is not None and shared > limit:
                 raise RuntimeError(f"{name}[{dtype}] needs {shared} B of shared memory on sm_{capability} "
                                    f"(limit {limit} B) with {config}")
-            report.append({"name": f"{name}[{dtype}]", "shared": shared})
+            report.append({"name": f"{name}[{dtype}{',softcap' if softcap else ''}]", "shared": shared})
     return report
 
 

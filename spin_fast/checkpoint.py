@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .integrity import write_json
+
 
 def plan_fingerprint(steps) -> str:
     h = hashlib.sha256(b"spin_fast.plan/1\n")
@@ -60,7 +62,7 @@ def save(folder: Path, step: int, model, optimizer, scheduler, plan: str, keep: 
     if _rank() == 0:
         meta = {"step": step, "scheduler": scheduler.state_dict(), "plan": plan,
                 "rng": {"torch": torch.get_rng_state().tolist()}}
-        (path / "meta.json").write_text(json.dumps(meta))
+        write_json(path / "meta.json", meta, indent=None)
         tmp = folder / ".latest.tmp"
         tmp.write_text(name)
         os.replace(tmp, folder / "latest")

@@ -76,6 +76,9 @@ class TrainCfg:
     tensorboard: bool = _f(False, "also write TensorBoard events to OUTPUT/tb (needs the tensorboard package)")
     progress: bool = _f(True, "tqdm progress bar on rank 0")
     checkpoint_every: int = _f(0, "save a resumable checkpoint (DCP) every this many steps (0: only phase ends)")
+    max_bad_steps: int = _f(0, "steps with a non-finite loss or grad norm tolerated per phase (their gradient is "
+                               "zeroed on device: no update with RMSprop, momentum only with AdamW); one more stops "
+                               "the phase naming the step (0: the first one stops it)")
 
 
 @dataclass
@@ -120,7 +123,10 @@ class Config:
     seed: int = _f(0, "seed of the data order (and of sampling, in the loop)")
     device: str = _f("auto", "auto (cuda:LOCAL_RANK when available, else cpu) | cpu | cuda")
     ref_cache: str | None = _f(None, "reference log-prob cache file (default OUTPUT/ref_logps.safetensors)")
-    resume: bool = _f(False, "continue from the last complete state in OUTPUT (any phase, any iteration)")
+    resume: bool = _f(False, "continue from the last complete state in OUTPUT (any phase, any iteration); refused "
+                             "when a key that changes what was computed differs from OUTPUT/manifest.json")
+    resume_force: bool = _f(False, "with resume: continue even though such keys differ (the change is recorded in "
+                                   "manifest.json)")
 
     def validate(self) -> "Config":
         """Range and choice checks; ValueError naming the key."""
@@ -163,6 +169,7 @@ class Config:
         need(lp.heldout >= 0, "loop.heldout", "must be >= 0", lp.heldout)
         need(lp.convergence_threshold >= 0, "loop.convergence_threshold", "must be >= 0", lp.convergence_threshold)
         need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0", t.checkpoint_every)
+        need(t.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0", t.max_bad_steps)
         need(t.beta > 0, "train.beta", "must be > 0", t.beta)
         need(t.lr > 0, "train.lr", "must be > 0", t.lr)
         need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)

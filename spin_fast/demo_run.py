@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import demo
 from .config import Config, TrainCfg, explicit_keys
+from .integrity import write_json
 from .runtime import Runtime
 
 log = logging.getLogger("spin_fast.demo")
@@ -131,7 +132,7 @@ def finish_demo(cfg: Config, rt: Runtime, tokenizer, summaries: list[dict], eval
                      "heldout_margin": h.get("mean_margin"), "train_tokens": s["train"]["tokens"]})
     report = {"rows": rows, "n_heldout": cfg.loop.heldout}
     if rt.is_main:
-        (out / "demo.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out / "demo.json", report)
         fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
         lines = ["", f"held-out exact match ({cfg.loop.heldout} prompts):",
                  f"{'model':<14}{'SPIN':>8}{'cont. SFT':>11}{'disc. acc':>11}{'margin':>9}"]

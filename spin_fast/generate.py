@@ -25,7 +25,8 @@ import torch
 from .chat import render_prompt
 from .data import load_prompts
 from .hf_io import load_model
-from .runtime import fault_point, init_runtime, run_main, shutdown
+from .integrity import OutputLock, dumps
+from .runtime import fault_point, init_runtime, on_rank0, run_main, shutdown
 from .sampler import Sampler, SamplingParams, generate_sharded
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,7 +96,16 @@ def eos_ids(model_dir: Path, model, tokenizer) -> list[int]:
 def main(argv=None):
     args = parse_args(argv)
     rt = init_runtime(args.device)
-    summary = run(args, rt)
+    if Path(args.output).resolve() == Path(args.data).resolve():
+        raise ValueError(f"--output {args.output} is the --data file: appending to it would corrupt the input; "
+                         f"choose another --output")
+    lock = OutputLock(Path(args.output).with_name(Path(args.output).name + ".lock"))
+    on_rank0(rt, lock.acquire)                       # one writer per output file
+    try:
+        summary = run(args, rt)
+    finally:
+        if rt.is_main:
+            lock.release()
     shutdown(rt)
     return summary
 
@@ -198,7 +208,7 @@ def run(args, rt) -> dict:
     if rank == 0:
         for msg in bad[:10]:
             print(f"skipped: {msg}", file=sys.stderr)
-        print(json.dumps(summary), file=sys.stderr)
+        print(dumps(summary), file=sys.stderr)
     return summary
 
 

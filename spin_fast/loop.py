@@ -3,11 +3,12 @@
     OUTPUT/data/train.jsonl, heldout.jsonl   the SFT rows, split once (seeded) and reused on resume
     OUTPUT/sft/                              optional SFT phase before iteration 0 (sft.epochs > 0)
     OUTPUT/iter{t}.work/                     generated.jsonl (+ _heldout), ref caches, checkpoints: resumable state
-    OUTPUT/iter{t}/                          the trained model (HF folder), metrics.jsonl, summary.json
+    OUTPUT/iter{t}/                          the trained model (HF folder), metrics.jsonl, summary.json, checksums.json
 
-An iteration's folder is written as iter{t}.tmp and renamed when complete (summary.json last), so a half-written
-one is never taken for a finished one. With `resume`, finished iterations are skipped, generation continues its
-partial file, a matching reference cache is reused and training continues from its last checkpoint.
+An iteration's folder is written as iter{t}.tmp and renamed when complete (summary.json, then checksums.json
+last), so a half-written one is never taken for a finished one, and its checksums are verified before it becomes
+the next opponent. With `resume`, finished iterations are skipped, generation continues its partial file, a
+matching reference cache is reused and training continues from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, to_dict
+from .config import Config
 from .data import concat_pairs, load_pairs, read_rows
+from .integrity import verify_checksums, write_checksums, write_json
 from .phases import generate_phase, sft_phase, train_phase
-from .runtime import Runtime
+from .runtime import Runtime, on_rank0
 
 log = logging.getLogger("spin_fast.loop")
 
@@ -62,9 +64,10 @@ def is_finished(folder: Path) -> bool:
 
 
 def publish(rt: Runtime, tmp: Path, final: Path, summary: dict) -> None:
-    """summary.json into tmp, then tmp -> final (rank 0), everyone waits."""
+    """summary.json and checksums.json into tmp, then tmp -> final (rank 0), everyone waits."""
     if rt.is_main:
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(tmp / "summary.json", summary)
+        write_checksums(tmp)                                    # last: what "finished" means, verified on use
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -74,20 +77,7 @@ def publish(rt: Runtime, tmp: Path, final: Path, summary: dict) -> None:
 def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
     """Every iteration; returns their summaries. evaluate(model_dir) -> dict: an extra per-iteration metric
     (the demo's exact-match accuracy), called on every rank."""
-    out = Path(cfg.output)
-    error = None
-    if rt.is_main and (out / "loop.json").is_file() and not cfg.resume:
-        error = (f"output {out} already holds a SPIN run (loop.json): pass --resume to continue it, or choose a "
-                 f"new --output")
-    if rt.distributed:                      # rank 0 looked at the folder: every rank stops, none waits forever
-        box = [error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise ValueError(error)
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "loop.json").write_text(json.dumps({"config": to_dict(cfg)}, indent=2) + "\n")
+    out = Path(cfg.output)                  # train.main holds its lock and wrote its manifest.json
     train_file, held_file = split_sft(cfg, out, rt)
     data_opts = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                      chat_template=cfg.data.chat_template, skip_bad_rows=cfg.data.skip_bad_rows)
@@ -119,6 +109,8 @@ def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
             opponent = final
             continue
         t_iter = time.perf_counter()
+        if opponent != Path(cfg.model.path):            # one of ours: used only if it is what we published
+            on_rank0(rt, lambda: verify_checksums(opponent, fix=f"delete {opponent} to compute it again"))
         if rt.is_main:
             work.mkdir(parents=True, exist_ok=True)
         _barrier(rt)

@@ -107,7 +107,8 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
                   "wall_s": cache_s, "tokens_per_s": total_tokens / max(cache_s, 1e-9)},
         "train": {"steps": result["steps"], "tokens": result["tokens"], "wall_s": result["wall_s"],
                   "dropped_pairs": result["dropped_pairs"], "resumed_at": result["resumed_at"],
-                  "tokens_per_s": result["tokens_per_s"], "final": result["final"]},
+                  "tokens_per_s": result["tokens_per_s"], "final": result["final"],
+                  "bad_steps": result["bad_steps"]},
         "save_s": save_s,
         "heldout": held,
     }

@@ -42,6 +42,8 @@ def init_runtime(device: str | None = "auto", *, need_group_on_cuda: bool = Fals
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     distributed = False
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _die_with_launcher()
     if not dist.is_initialized():
         if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
@@ -54,6 +56,43 @@ def init_runtime(device: str | None = "auto", *, need_group_on_cuda: bool = Fals
     if distributed:
         rank, world = dist.get_rank(), dist.get_world_size()
     return Runtime(rank, world, local, dev, distributed)
+
+
+def on_rank0(rt: Runtime, fn):
+    """fn() on rank 0 alone (it looks at or writes the output folder); its result, or its refusal (ValueError),
+    on every rank: a refusal stops every rank, none waits for the others forever."""
+    result, error = None, None
+    if rt.is_main:
+        try:
+            result = fn()
+        except ValueError as e:
+            error = str(e)
+    if rt.distributed:
+        import torch.distributed as dist
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise ValueError(error)
+    return result
+
+
+def _die_with_launcher() -> None:
+    """A torchrun worker asks the kernel for SIGKILL when its parent (the launcher) dies: a `kill -9` of torchrun
+    must not leave workers training (and writing) on their own. Linux only (prctl PR_SET_PDEATHSIG); every file
+    we write is atomic or resumable, so SIGKILL at any point is safe."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:                   # the launcher died before the request: nobody to wait for
+        os._exit(1)
 
 
 def shutdown(rt: Runtime) -> None:
@@ -83,12 +122,17 @@ def run_main(main) -> None:
 
 
 def fault_point(phase: str, count: int) -> None:
-    """Crash-test hook: with SPIN_FAST_FAULT="phase:count" in the environment, SIGKILL this process when `phase`
-    reaches `count` (rows generated, cache micro-batches, optimizer steps). Lets the resume tests kill a run at an
-    exact point of each phase, deterministically; a no-op otherwise (one dict lookup)."""
+    """Crash-test hook: with SPIN_FAST_FAULT="phase:count" (or "phase:count@rank": that rank only) in the
+    environment, SIGKILL this process when `phase` reaches `count` (rows generated, cache micro-batches, optimizer
+    steps, files written, ...). Lets the resume tests kill a run at an exact point of each phase, deterministically;
+    a no-op otherwise (one dict lookup)."""
     want = os.environ.get("SPIN_FAST_FAULT")
-    if want and want == f"{phase}:{count}":
+    if not want:
+        return
+    point, _, rank = want.partition("@")
+    if point == f"{phase}:{count}" and (not rank or rank == os.environ.get("RANK", "0")):
         import signal
+        print(f"SPIN_FAST_FAULT: SIGKILL at {point} on rank {os.environ.get('RANK', '0')}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -14,7 +14,6 @@ weights, is trained into OUT/ (HF folder, metrics.jsonl, summary.json written la
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -22,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from . import manifest, rundir
 from .config import Config, explicit_keys, load_config, reference_markdown, to_dict
 from .data import load_pairs
 from .phases import train_phase
-from .runtime import init_runtime, run_main, shutdown
+from .runtime import init_runtime, on_rank0, run_main, shutdown
 
 log = logging.getLogger("spin_fast.train")
 
@@ -57,9 +57,10 @@ def parse_args(argv=None) -> tuple[Config, bool]:
     return cfg, False
 
 
-def training_phase_only(cfg: Config, rt, tokenizer) -> dict:
-    """--pairs: one training phase on existing pairs, opponent = --model; OUTPUT/ is the trained HF folder."""
-    model_dir, out_dir = Path(cfg.model.path), Path(cfg.output)
+def training_phase_only(cfg: Config, rt, tokenizer, work: Path) -> dict:
+    """--pairs: one training phase on existing pairs, opponent = --model, into `work` (OUTPUT.tmp, renamed to
+    OUTPUT by the caller when complete). Returns the summary."""
+    model_dir = Path(cfg.model.path)
     t0 = time.perf_counter()
     pairs, bad = load_pairs(cfg.data.pairs, tokenizer, generated=cfg.data.generated or None,
                             max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
@@ -71,17 +72,14 @@ def training_phase_only(cfg: Config, rt, tokenizer) -> dict:
         log.info("%d pairs (%d bad rows skipped, %d prompts and %d responses truncated), %d tokens, %.1f s",
                  pairs.num_pairs, len(bad), pairs.truncated_prompts, pairs.truncated_responses,
                  int(pairs.seq_offsets[-1]), data_s)
-    ckpt = out_dir / "ckpt" if (cfg.resume or cfg.train.checkpoint_every > 0) else None
-    summary = train_phase(cfg, rt, model_dir=model_dir, out_dir=out_dir, pairs=pairs, tokenizer=tokenizer,
-                          checkpoint_dir=ckpt)
+    summary = train_phase(cfg, rt, model_dir=model_dir, out_dir=work, pairs=pairs, tokenizer=tokenizer,
+                          checkpoint_dir=work / "ckpt")
+    cache = Path(summary["cache"]["path"])
+    if work in cache.parents:                        # where it will be once OUTPUT.tmp is OUTPUT
+        summary["cache"]["path"] = str(Path(cfg.output) / cache.relative_to(work))
     summary.update({"data": {"bad_rows": len(bad), "truncated_prompts": pairs.truncated_prompts,
                              "truncated_responses": pairs.truncated_responses, "wall_s": data_s},
                     "config": to_dict(cfg)})
-    if rt.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        t = summary["train"]
-        log.info("trained %d steps, %d tokens in %.1f s (%.0f tokens/s); saved %s", t["steps"], t["tokens"],
-                 t["wall_s"], t["tokens_per_s"], out_dir)
     return summary
 
 
@@ -91,20 +89,40 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO if rt.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     torch.manual_seed(cfg.seed)
-    from transformers import AutoTokenizer
-    evaluate = None
-    if demo:
-        from .demo_run import prepare_demo
-        cfg, evaluate = prepare_demo(cfg, rt)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    if cfg.data.pairs:
-        summary = training_phase_only(cfg, rt, tokenizer)
-    else:
-        from .loop import run_loop
-        summary = {"iterations": run_loop(cfg, rt, tokenizer, evaluate)}
+    if not demo:
+        on_rank0(rt, lambda: rundir.check_paths(cfg))
+    if cfg.data.pairs and (done := on_rank0(rt, lambda: rundir.finished_pairs_run(cfg))) is not None:
+        if rt.is_main:
+            log.info("%s is a finished run already: nothing to resume", cfg.output)
+        shutdown(rt)
+        return done
+    lock = rundir.lock(cfg)
+    on_rank0(rt, lock.acquire)                       # one run per output folder
+    try:
+        from transformers import AutoTokenizer
+        evaluate = None
         if demo:
-            from .demo_run import finish_demo
-            summary["demo"] = finish_demo(cfg, rt, tokenizer, summary["iterations"], evaluate)
+            from .demo_run import prepare_demo
+            cfg, evaluate = prepare_demo(cfg, rt)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        work = rundir.folder(cfg)
+        on_rank0(rt, lambda: manifest.check_and_write(work, cfg, tokenizer, rt.world))
+        if cfg.data.pairs:
+            summary = training_phase_only(cfg, rt, tokenizer, work)
+            if rt.is_main:
+                rundir.publish_pairs(cfg, lock, summary)
+                t = summary["train"]
+                log.info("trained %d steps, %d tokens in %.1f s (%.0f tokens/s); saved %s", t["steps"], t["tokens"],
+                         t["wall_s"], t["tokens_per_s"], cfg.output)
+        else:
+            from .loop import run_loop
+            summary = {"iterations": run_loop(cfg, rt, tokenizer, evaluate)}
+            if demo:
+                from .demo_run import finish_demo
+                summary["demo"] = finish_demo(cfg, rt, tokenizer, summary["iterations"], evaluate)
+    finally:
+        if rt.is_main:
+            lock.release()
     shutdown(rt)
     return summary
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .integrity import dumps
 from .kernels import spin_loss_from_hidden
 from .packing import check_token_range, collate, pair_token_counts, plan_micro_batches, to_torch
 from .runtime import fault_point
@@ -232,10 +233,10 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
+            self.file.write(dumps(row) + "\n")                   # NaN -> null: every line stays JSON
         if self.tb is not None:
             for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(k, v, row["step"])
 
     def flush(self) -> None:
@@ -304,6 +305,30 @@ class SpinTask:
 
 # --- the loop -------------------------------------------------------------------------------------------------------
 
+class TrainingDiverged(ValueError):
+    """A non-finite loss, gradient norm or weight: the phase stops and publishes nothing (one line, exit 2)."""
+
+
+def _zero_bad_gradients(params, ok: torch.Tensor) -> None:
+    """Gradients *= ok (a () bool on the device, the same on every rank: from the global grad norm), NaN/inf first
+    mapped to 0 (0 * NaN is NaN). The optimizer then steps on a zero gradient: no host sync decides anything. An
+    exact skip would need a per-step sync, or a copy of the weights and optimizer state to roll back to."""
+    keep = ok.float()
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad     # DTensor: this rank's shard
+            g.nan_to_num_(0.0, 0.0, 0.0).mul_(keep.to(g.dtype))
+
+
+def _weights_finite(params, distributed: bool) -> bool:
+    """Once at the end of a phase: every weight finite (an update can overflow after the last loss was seen)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    ok = torch.stack([torch.isfinite(t).all() for t in local]).all().float()
+    if distributed:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
 class Trainer:
     """Trains `model` (prepared by prepare_model) on a task's units (SpinTask: pairs + cached reference log-probs)."""
 
@@ -336,6 +361,9 @@ class Trainer:
             row = {"step": w["step"], "epoch": w["epoch"], **dict(zip(self.task.metric_names, v)), "grad_norm": g,
                    "lr": w["lr"], self.task.unit_name: w["units"], "tokens": w["tokens"], "tokens_per_s": rate,
                    "elapsed_s": w["elapsed_s"]}
+            if not (math.isfinite(v[0]) and math.isfinite(g)):
+                row["bad"] = True                   # zeroed on device if allowed (train.max_bad_steps), else fatal
+                self.bad_steps.append((w["step"], v[0], g))
             if self.rank == 0 and self.metrics is not None:
                 self.metrics.write(row)
         if self.rank == 0 and self.metrics is not None:
@@ -343,6 +371,13 @@ class Trainer:
         if bar is not None:
             bar.set_postfix(loss=f"{values[-1][0]:.4f}", tok_s=f"{rate:.0f}")
         self.last_row = row
+        # the values are global (all-reduced), so every rank stops here alike
+        if len(self.bad_steps) > self.cfg.max_bad_steps:
+            step, loss, norm = self.bad_steps[self.cfg.max_bad_steps]
+            raise TrainingDiverged(
+                f"training diverged at step {step}: loss {loss}, grad norm {norm} ({len(self.bad_steps)} non-finite "
+                f"step(s) > train.max_bad_steps={self.cfg.max_bad_steps}); nothing of this phase is published; lower "
+                f"train.lr (now {self.cfg.lr:g}) or allow skipping with train.max_bad_steps")
 
     def train(self, checkpoint_dir: Path | None = None, checkpoint_every: int = 0) -> dict:
         """Run every step of the plan. checkpoint_dir: resume from its latest checkpoint if there is one, and
@@ -363,7 +398,7 @@ class Trainer:
         t0 = time.perf_counter()
         window, t_window = [], t0
         tokens_done = 0
-        self.last_row = {}
+        self.last_row, self.bad_steps = {}, []
         for i, step in enumerate(self.steps):
             if i < start:
                 continue
@@ -375,6 +410,8 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm, foreach=True)
             if hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
+            if cfg.max_bad_steps > 0:
+                _zero_bad_gradients(self.model.parameters(), torch.isfinite(grad_norm))
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
@@ -396,6 +433,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - t0
+        if not _weights_finite(self.model.parameters(), self.distributed):
+            raise TrainingDiverged(f"training diverged: weights are not finite after step {len(self.steps)}; "
+                                   f"nothing of this phase is published; lower train.lr (now {cfg.lr:g})")
         return {"steps": len(self.steps), "resumed_at": start, "tokens": tokens_done, "wall_s": wall,
                 "dropped_pairs": self.dropped_pairs, "tokens_per_s": tokens_done / max(wall, 1e-9),
-                "final": self.last_row}
+                "final": self.last_row, "bad_steps": [s for s, _, _ in self.bad_steps]}

@@ -1,6 +1,7 @@
 """`python -m spin_fast.generate` end to end on stories260K: output schema and order, resume, bad input."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,17 @@ def test_missing_chat_template_is_a_clear_error(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS[:1])
     with pytest.raises(ValueError, match="no chat template"):
         main(["--model", str(STORIES), "--data", str(data), "--output", str(tmp_path / "o.jsonl"), "--no-progress"])
+
+
+def test_output_is_the_data_file_or_in_use_refused(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(ValueError, match="is the --data file"):
+        run(data, data, "--greedy")
+    assert read(data) == ROWS                                              # untouched
+    (tmp_path / "o.jsonl.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    with pytest.raises(ValueError, match=rf"in use by another run \(pid {os.getpid()}"):
+        run(data, tmp_path / "o.jsonl", "--greedy")
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 built-in demo under torchrun. Uses the demo's tiny model and task: no ../shared needed."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spin_fast import demo
+from spin_fast import demo, train
 
 ARGS = ["--loop.iterations", "2", "--loop.heldout", "20", "--generate.max_new_tokens", "20", "--max-length", "48",
         "--max-prompt-length", "24", "--tokens-per-step", "1024", "--micro-batch-tokens", "512",
@@ -130,3 +131,52 @@ def test_demo_under_torchrun(tmp_path):
         assert 0 <= row["spin_em"] <= 1 and 0 <= row["continued_sft_em"] <= 1
     assert "held-out exact match" in r.stdout
     assert (out / "continued_sft1" / "summary.json").is_file() and (out / "iter1" / "summary.json").is_file()
+
+
+# --- run identity: the manifest -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def finished_copy(reference_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    return out
+
+
+@pytest.mark.parametrize("change, key", [
+    (["--lr", "2e-3"], r"train.lr differs from the run in .* \(0.001 there, 0.002 now\)"),
+    (["--generate.max_new_tokens", "16"], r"generate.max_new_tokens differs .* \(20 there, 16 now\)"),
+    (["--seed", "1"], r"seed differs"),
+    (["--loop.mix_previous"], r"loop.mix_previous differs"),
+    ("data", r"inputs.data.sft differs"),
+    ("model", r"inputs.model differs"),
+])
+def test_resume_refuses_a_changed_setup_naming_the_key(assets, finished_copy, change, key):
+    root, model, rows = assets
+    argv = loop_argv(assets, finished_copy, "--resume")
+    if change == "data":                                   # same path, other content
+        edited = finished_copy.parent / "rows.jsonl"
+        lines = rows.read_text().splitlines(keepends=True)
+        edited.write_text("".join(lines[:-1]))
+        argv[argv.index(str(rows))] = str(edited)
+    elif change == "model":
+        other = finished_copy.parent / "model"
+        demo.init_model(other, demo.build_tokenizer(other), hidden=32, layers=2, heads=4, seed=1)
+        argv[argv.index(str(model))] = str(other)
+    else:
+        argv += change
+    before = (finished_copy / "manifest.json").read_text()
+    with pytest.raises(ValueError, match=key + r".*--resume-force"):
+        train.main(argv)
+    assert (finished_copy / "manifest.json").read_text() == before and not (finished_copy / ".lock").exists()
+
+
+def test_resume_accepts_harmless_keys_and_records_a_forced_change(assets, finished_copy):
+    # every iteration is finished: these resumes only check, re-report and record
+    train.main(loop_argv(assets, finished_copy, "--resume", "--train.log_every", "3", "--train.checkpoint_every",
+                         "5", "--train.progress", "true"))
+    summary = train.main(loop_argv(assets, finished_copy, "--resume", "--lr", "2e-3", "--resume-force"))
+    assert [s["iteration"] for s in summary["iterations"]] == [0, 1]
+    history = json.loads((finished_copy / "manifest.json").read_text())["history"]
+    assert [h["event"] for h in history] == ["start", "resume", "resume-force"]
+    assert history[2]["changed"] == {"train.lr": [0.001, 0.002]}
+    train.main(loop_argv(assets, finished_copy, "--resume", "--lr", "2e-3"))      # the manifest follows the force

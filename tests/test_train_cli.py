@@ -4,6 +4,7 @@ metrics/summary files; the reference cache is reused on a re-run; bad rows stop 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -103,12 +104,17 @@ def test_trained_folder_loads_in_transformers_with_our_logits(runs):
 
 
 def test_rerun_reuses_the_reference_cache(runs):
+    # a new run pointed at a finished run's cache (a copy: the finished folder stays as published) reuses it
+    # when every fingerprint matches, and rebuilds it, naming the reason, when one differs
     model, pairs, tmp = runs
-    train(model, pairs, tmp / "one", extra=["--train.max_steps", "1"])
-    summary = json.loads((tmp / "one" / "summary.json").read_text())
+    cache = tmp / "cache.safetensors"
+    shutil.copyfile(tmp / "one" / "ref_logps.safetensors", cache)
+    train(model, pairs, tmp / "again", extra=["--train.max_steps", "1", "--ref_cache", str(cache)])
+    summary = json.loads((tmp / "again" / "summary.json").read_text())
     assert summary["cache"]["status"] == "reused", summary["cache"]
-    train(model, pairs, tmp / "one", extra=["--train.max_steps", "1", "--max-prompt-length", "64"])
-    summary = json.loads((tmp / "one" / "summary.json").read_text())
+    train(model, pairs, tmp / "again2", extra=["--train.max_steps", "1", "--max-prompt-length", "64", "--ref_cache",
+                                               str(cache)])
+    summary = json.loads((tmp / "again2" / "summary.json").read_text())
     assert summary["cache"]["status"] == "rebuilt" and "max_prompt_length" in summary["cache"]["reason"]
 
 
@@ -143,3 +149,33 @@ def test_spin_loop_end_to_end_on_stories260k(setup, shared_data):
     assert s1["opponent"] == str(out / "iter0") and s1["heldout"]["pairs"] == 4
     gen = [json.loads(line) for line in (out / "iter1.work" / "generated.jsonl").read_text().splitlines()]
     assert len(gen) == 12 and all(g["response"] is not None for g in gen)
+
+
+def test_pairs_mode_refuses_a_used_output_and_a_changed_setup(runs):
+    # in process: every refusal comes before any model is loaded
+    from spin_fast import train as train_mod
+    model, pairs, tmp = runs
+    argv = lambda out, *extra: ["--model", str(model), "--pairs", str(pairs), "--output", str(out), *ARGS, *extra]  # noqa: E731
+    with pytest.raises(ValueError, match="already holds a finished training run"):
+        train_mod.main(argv(tmp / "one"))
+    assert train_mod.main(argv(tmp / "one", "--resume"))["pairs"] == 24       # finished: re-reported, nothing run
+    interrupted = tmp / "cut.tmp"                                             # a killed run's folder
+    interrupted.mkdir()
+    shutil.copyfile(tmp / "one" / "manifest.json", interrupted / "manifest.json")
+    with pytest.raises(ValueError, match=r"already holds a run \(manifest.json\): pass --resume"):
+        train_mod.main(argv(tmp / "cut"))                                     # never resumes silently
+    with pytest.raises(ValueError, match=r"--resume: train.beta differs .*\(0.1 there, 0.2 now\)"):
+        train_mod.main(argv(tmp / "cut", "--resume", "--beta", "0.2"))
+    assert not (interrupted / ".lock").exists()
+
+
+@pytest.mark.parametrize("where", ["model", "inside_model", "data"])
+def test_output_that_would_destroy_an_input_is_refused(runs, where):
+    from spin_fast import train as train_mod
+    model, pairs, tmp = runs
+    out = {"model": model, "inside_model": model / "out", "data": pairs}[where]
+    before = sorted(p.name for p in model.iterdir())
+    with pytest.raises(ValueError, match="the run would overwrite its own starting model" if where != "data"
+                       else "is the data.pairs input"):
+        train_mod.main(["--model", str(model), "--pairs", str(pairs), "--output", str(out), *ARGS])
+    assert sorted(p.name for p in model.iterdir()) == before

@@ -14,7 +14,8 @@ from spin_fast import refcache
 from spin_fast.config import TrainCfg
 from spin_fast.loss import reference_token_logprobs
 from spin_fast.packing import IGNORE_INDEX
-from spin_fast.trainer import MetricsLog, SpinTask, Trainer, _dealable, lr_factor, plan_steps, prepare_model
+from spin_fast.trainer import (MetricsLog, SpinTask, Trainer, TrainingDiverged, _dealable, lr_factor, plan_steps,
+                               prepare_model)
 
 from test_refcache import make_pairs, spin_rows, tiny_model
 
@@ -194,3 +195,54 @@ def test_bad_pair_tokens_are_refused(tmp_path):
     with pytest.raises(ValueError, match="vocabulary has 256 entries"):
         Trainer(model, SpinTask(pairs, ref, ref, cfg, torch.device("cpu")), cfg, seed=0, device=torch.device("cpu"),
                 distributed=False)
+
+
+# --- numeric health -------------------------------------------------------------------------------------------------
+
+def test_divergence_stops_the_phase_naming_the_step(tmp_path):
+    # lr 1e30: the first update overflows the weights, step 2's loss is NaN: the flush after step 2 stops it
+    cfg = cfg_for(lr=1e30, tokens_per_step=300, micro_batch_tokens=300, log_every=2, epochs=2)
+    trainer, _ = build(tmp_path, cfg)
+    trainer.metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 2: loss nan, grad norm nan .*train.lr"):
+        trainer.train()
+    trainer.metrics.close()
+    rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+            for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] is None and rows[1]["bad"] is True
+
+
+def test_last_update_overflowing_is_caught_before_publishing(tmp_path):
+    # one RMSprop step of ~10 lr = 1e39 > the fp32 maximum, after a finite loss and gradient
+    cfg = cfg_for(lr=1e38, optimizer="rmsprop", tokens_per_step=10_000, micro_batch_tokens=600, epochs=1)
+    trainer, _ = build(tmp_path, cfg)
+    assert len(trainer.steps) == 1
+    with pytest.raises(TrainingDiverged, match="weights are not finite after step 1"):
+        trainer.train()
+
+
+def test_max_bad_steps_skips_the_step_on_device(tmp_path):
+    # a NaN reference log-prob poisons one step; with max_bad_steps=1 RMSprop steps on a zero gradient: the
+    # weights after that step equal those before it, and training goes on finite
+    kw = dict(optimizer="rmsprop", tokens_per_step=300, micro_batch_tokens=300, max_grad_norm=1.0)
+    trainer, _ = build(tmp_path, cfg_for(**kw))
+    poisoned = int(trainer.steps[2].units[0])
+    trainer.task.ref_chosen[poisoned] = float("nan")
+    with pytest.raises(TrainingDiverged, match="at step 3"):
+        trainer.train()                                              # max_bad_steps 0: the first one stops it
+
+    def weights_after(max_steps, max_bad):
+        t, _ = build(tmp_path, cfg_for(**kw, max_steps=max_steps, max_bad_steps=max_bad))
+        t.task.ref_chosen[poisoned] = float("nan")
+        result = t.train()
+        return {n: p.detach().clone() for n, p in t.model.named_parameters()}, result
+
+    before, _ = weights_after(2, 0)
+    after, result = weights_after(3, 1)
+    assert result["bad_steps"] == [3]
+    for n in before:
+        torch.testing.assert_close(after[n], before[n], rtol=0, atol=0)
+    full, result = weights_after(-1, 1)
+    assert result["bad_steps"] == [3] and len(trainer.steps) > 4
+    assert all(torch.isfinite(p).all() for p in full.values())
+    assert max((full[n] - before[n]).abs().max().item() for n in full) > 1e-4   # later steps trained

@@ -180,3 +180,16 @@ def test_resume_accepts_harmless_keys_and_records_a_forced_change(assets, finish
     assert [h["event"] for h in history] == ["start", "resume", "resume-force"]
     assert history[2]["changed"] == {"train.lr": [0.001, 0.002]}
     train.main(loop_argv(assets, finished_copy, "--resume", "--lr", "2e-3"))      # the manifest follows the force
+
+
+def test_a_damaged_finished_iteration_is_never_the_next_opponent(assets, finished_copy):
+    shutil.rmtree(finished_copy / "iter1")                         # iteration 1 has to run, against iter0
+    path = finished_copy / "iter0" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10                                   # one bit of a weight
+    path.write_bytes(bytes(data))
+    shutil.rmtree(finished_copy / "iter1.work")
+    with pytest.raises(ValueError, match=r"iter0/model.safetensors: differs from the sha256 in checksums.json .*"
+                                         r"delete .*iter0 to compute it again"):
+        train.main(loop_argv(assets, finished_copy, "--resume"))
+    assert not (finished_copy / "iter1.work").exists() and not (finished_copy / "iter1.tmp").exists()

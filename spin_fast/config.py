@@ -53,6 +53,8 @@ class DataCfg:
 class TrainCfg:
     beta: float = _f(0.1, "SPIN/DPO inverse temperature beta (> 0)")
     loss_type: str = _f("sigmoid", "sigmoid (SPIN's logistic loss) | hinge")
+    rpo_alpha: float = _f(0.0, "weight alpha of iterative RPO's NLL term (Pang et al. 2024, eq. 1; their alpha = 1): "
+                               "each pair adds alpha * (-log pi(y|x) / |y|) of its human answer; 0: SPIN's loss alone")
     optimizer: str = _f("rmsprop", "rmsprop (the paper's) | adamw")
     lr: float = _f(5e-7, "peak learning rate (> 0)")
     weight_decay: float = _f(0.0, "decoupled (AdamW) / L2 (RMSprop) weight decay")
@@ -171,6 +173,8 @@ class Config:
         need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0", t.checkpoint_every)
         need(t.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0", t.max_bad_steps)
         need(t.beta > 0, "train.beta", "must be > 0", t.beta)
+        need(math.isfinite(t.rpo_alpha) and t.rpo_alpha >= 0, "train.rpo_alpha", "must be finite and >= 0",
+             t.rpo_alpha)
         need(t.lr > 0, "train.lr", "must be > 0", t.lr)
         need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
         need(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas",

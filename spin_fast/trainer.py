@@ -296,7 +296,7 @@ class SpinTask:
         loss, m = spin_loss_from_hidden(
             hidden, model.lm_head_weight, b["targets"], b["seq_index"], b["chosen_index"], b["rejected_index"],
             self.ref_chosen[b["pair_ids"]], self.ref_rejected[b["pair_ids"]], beta=cfg.beta,
-            loss_type=cfg.loss_type, normalizer=normalizer, impl=cfg.impl,
+            loss_type=cfg.loss_type, normalizer=normalizer, impl=cfg.impl, rpo_alpha=cfg.rpo_alpha,
             num_sequences=num_seqs, check_values=False, memory_budget_bytes=cfg.logits_budget_mib << 20)
         loss.backward()
         share = len(pair_ids) / normalizer

@@ -56,6 +56,21 @@ def same_dtype_torch(batch, ref_c, ref_r, **kw):
     (4, 1, 12, 24, 70, 61, False),       # one pair far longer than a chunk: the two-pass fallback
 ], ids=["one-pair", "ugly", "long-pair"])
 def test_matches_fp64_oracle(impl, dtype, loss_type, layout):
+    check_against_oracle(impl, dtype, loss_type, layout, rpo_alpha=0.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss_type, layout", [
+    ("sigmoid", (5, 2, 23, 31, 123, 0, True)),   # ugly, with a chosen sequence that may have no scored token
+    ("hinge", (4, 1, 12, 24, 70, 61, False)),    # the long pair streamed twice
+], ids=["sigmoid-ugly", "hinge-long-pair"])
+def test_rpo_nll_term_matches_fp64_oracle(impl, dtype, loss_type, layout):
+    """Iterative RPO's alpha * (-log pi(y|x) / |y|) on the human answer: loss and both gradients vs fp64."""
+    check_against_oracle(impl, dtype, loss_type, layout, rpo_alpha=1.0)
+
+
+def check_against_oracle(impl, dtype, loss_type, layout, rpo_alpha):
     pairs, unpaired, max_len, h, v, long_len, all_ignored = layout
     batch = random_packed_batch(pairs, unpaired, max_len, h, v, dtype, seed=pairs * 31 + v,
                                 long_pair_len=long_len, all_ignored_sequence=all_ignored)
@@ -63,7 +78,7 @@ def test_matches_fp64_oracle(impl, dtype, loss_type, layout):
     # The reference log-probs are inputs: every implementation gets the same dtype-rounded values.
     ref_c, ref_r = ref_c.to(dtype).double(), ref_r.to(dtype).double()
     beta = 0.5 if loss_type == "sigmoid" else 0.05
-    kw = dict(beta=beta, loss_type=loss_type)
+    kw = dict(beta=beta, loss_type=loss_type, rpo_alpha=rpo_alpha)
     # 16 rows per chunk in the torch path: several pairs per chunk, pairs cut between chunks, long pair streamed.
     loss, metrics, dh, dw = run(on_impl_device(impl, spin_loss_from_hidden), batch, ref_chosen_logps=ref_c.to(dtype),
                                 ref_rejected_logps=ref_r.to(dtype), impl=impl, memory_budget_bytes=16 * 4 * v, **kw)
@@ -170,8 +185,8 @@ def test_upstream_gradient_scales_stored_gradients():
     torch.testing.assert_close(three[3], one[3] * 3)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
-def test_finite_differences_fused_torch_fp64(loss_type):
+@pytest.mark.parametrize("loss_type, rpo_alpha", [("sigmoid", 0.0), ("hinge", 0.0), ("sigmoid", 0.8)])
+def test_finite_differences_fused_torch_fp64(loss_type, rpo_alpha):
     """Directional derivatives <grad, d> against central differences (L(x + eps d) - L(x - eps d)) / 2 eps.
 
     (torch.autograd.gradcheck cannot be used: it backpropagates twice through one graph, which the fused loss
@@ -183,7 +198,7 @@ def test_finite_differences_fused_torch_fp64(loss_type):
     def loss_of(hidden, weight):
         return spin_loss_from_hidden(hidden, weight, *args, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
                                      beta=0.7 if loss_type == "sigmoid" else 0.05, loss_type=loss_type,
-                                     impl="torch", memory_budget_bytes=4 * 8 * 9)[0]
+                                     impl="torch", memory_budget_bytes=4 * 8 * 9, rpo_alpha=rpo_alpha)[0]
 
     _, _, dh, dw = run(lambda h, w, *a, **k: (loss_of(h, w), None), batch)
     g = torch.Generator().manual_seed(1)

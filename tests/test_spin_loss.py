@@ -100,3 +100,33 @@ def test_bad_shapes_and_options():
         spin_loss(pc, pr, rc, rr, loss_type="ipo")
     with pytest.raises(ValueError, match="reduction"):
         spin_loss(pc, pr, rc, rr, reduction="avg")
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+def test_rpo_nll_term(loss_type):
+    """Iterative RPO (Pang et al. 2024, eq. 1): l(m) + alpha * (-log pi(y|x) / |y|) per pair; alpha 0 is SPIN."""
+    pc, pr, rc, rr = pair_inputs(7, seed=4)
+    lengths = torch.tensor([1, 3, 5, 8, 2, 13, 4], dtype=torch.float64)
+    plain, _ = spin_loss(pc, pr, rc, rr, beta=0.1, loss_type=loss_type, reduction="none")
+    rpo, metrics = spin_loss(pc, pr, rc, rr, beta=0.1, loss_type=loss_type, reduction="none", rpo_alpha=0.5,
+                             chosen_lengths=lengths)
+    expected = expected_losses(pc, pr, rc, rr, 0.1, loss_type) + torch.tensor(
+        [0.5 * -a / n for a, n in zip(pc.tolist(), lengths.tolist())], dtype=torch.float64)
+    torch.testing.assert_close(rpo, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(spin_loss(pc, pr, rc, rr, beta=0.1, loss_type=loss_type, reduction="none",
+                                         rpo_alpha=0.0, chosen_lengths=lengths)[0], plain)
+    assert metrics["rewards/margins"].item() == pytest.approx(spin_loss(pc, pr, rc, rr)[1]["rewards/margins"].item())
+    fn = lambda a, b, c, d: spin_loss(a, b, c, d, beta=0.05, loss_type=loss_type, rpo_alpha=0.5,   # noqa: E731
+                                      chosen_lengths=lengths)[0]
+    assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_(True) for t in (pc, pr, rc, rr)))
+
+
+def test_rpo_bad_input():
+    pc, pr, rc, rr = pair_inputs(3, seed=5)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        spin_loss(pc, pr, rc, rr, rpo_alpha=1.0)
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        spin_loss(pc, pr, rc, rr, rpo_alpha=1.0, chosen_lengths=torch.ones(4))
+    for bad in (-1.0, float("nan"), float("inf"), "x", torch.tensor(1.0)):
+        with pytest.raises(ValueError, match="rpo_alpha"):
+            spin_loss(pc, pr, rc, rr, rpo_alpha=bad, chosen_lengths=torch.ones(3))

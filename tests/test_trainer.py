@@ -108,30 +108,42 @@ def build(tmp_path, cfg, model=None, ref_model=None, rows=12):
     return Trainer(model, task, cfg, seed=0, device=torch.device("cpu"), distributed=False), pairs
 
 
-def naive_step_loss(model, ref_c, ref_r, pairs, pair_ids, beta, loss_type="sigmoid"):
-    """Mean over the step's pairs of the SPIN loss, from per-sequence unpacked forwards with full logits."""
-    logps = []
+def naive_step_loss(model, ref_c, ref_r, pairs, pair_ids, beta, loss_type="sigmoid", rpo_alpha=0.0):
+    """Mean over the step's pairs of the SPIN loss (+ RPO's alpha * per-token NLL of the human answer), from
+    per-sequence unpacked forwards with full logits."""
+    logps, lengths = [], []
     for p in pair_ids:
         for s in (2 * p, 2 * p + 1):
             ids = torch.from_numpy(pairs.tokens[pairs.seq_offsets[s]:pairs.seq_offsets[s + 1]]).long()
             plen = int(pairs.prompt_lens[s])
             targets = torch.full_like(ids, IGNORE_INDEX)
             targets[plen - 1:-1] = ids[plen:]
+            lengths.append(ids.numel() - plen)
             hidden = model(ids, torch.arange(ids.numel()))
             logps.append(reference_token_logprobs(hidden, model.lm_head_weight, targets).sum())
     logps = torch.stack(logps)
     idx = torch.as_tensor(pair_ids)
     margin = (logps[0::2] - ref_c[idx]) - (logps[1::2] - ref_r[idx])
     losses = -torch.nn.functional.logsigmoid(beta * margin) if loss_type == "sigmoid" else torch.relu(1 - beta * margin)
-    return losses.mean()
+    return (losses - rpo_alpha * logps[0::2] / torch.tensor(lengths[0::2], dtype=logps.dtype)).mean()
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
 @pytest.mark.parametrize("micro_batch_tokens", [600, 200])          # one micro-batch per step, or several
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_step_gradient_is_gradient_of_mean_step_loss(tmp_path, loss_type, micro_batch_tokens, checkpointing):
+    check_step_gradient(tmp_path, loss_type, micro_batch_tokens, checkpointing, rpo_alpha=0.0)
+
+
+def test_step_gradient_with_the_rpo_nll_term(tmp_path):
+    """train.rpo_alpha reaches the loss: the step gradient is that of mean(l(m) - alpha log pi(y|x) / |y|)."""
+    check_step_gradient(tmp_path, "sigmoid", 200, False, rpo_alpha=1.0)
+
+
+def check_step_gradient(tmp_path, loss_type, micro_batch_tokens, checkpointing, rpo_alpha):
     # reference = another model, so margins are far from 0 and l'(m) differs per pair
-    cfg = cfg_for(loss_type=loss_type, micro_batch_tokens=micro_batch_tokens, activation_checkpointing=checkpointing)
+    cfg = cfg_for(loss_type=loss_type, micro_batch_tokens=micro_batch_tokens, activation_checkpointing=checkpointing,
+                  rpo_alpha=rpo_alpha)
     trainer, pairs = build(tmp_path, cfg, model=tiny_model(seed=0), ref_model=tiny_model(seed=1))
     step = trainer.steps[0]
     assert len(step.micro_batches[0]) == (1 if micro_batch_tokens == 600 else len(step.micro_batches[0]))
@@ -145,7 +157,7 @@ def test_step_gradient_is_gradient_of_mean_step_loss(tmp_path, loss_type, micro_
     for blk in oracle.layers:
         blk.checkpoint_activations = False
     loss = naive_step_loss(oracle, trainer.task.ref_chosen, trainer.task.ref_rejected, pairs, step.units.tolist(),
-                           cfg.beta, loss_type)
+                           cfg.beta, loss_type, rpo_alpha)
     loss.backward()
     torch.testing.assert_close(vec[0], loss.detach(), atol=1e-5, rtol=1e-5)
     for n, p in oracle.named_parameters():

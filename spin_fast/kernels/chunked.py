@@ -209,10 +209,12 @@ def _pair_aligned_groups(pair_token_counts: list[int], rows: int):
 def chunked_spin_fused(hidden, weight, targets, seq_index, chosen_index, rejected_index,
                        ref_chosen_logps, ref_rejected_logps, num_sequences, *, beta, loss_type, grad_scale,
                        ignore_index=-100, need_hidden_grad=True, need_weight_grad=True, memory_budget_bytes=None,
-                       softcap=None):
+                       softcap=None, chosen_extra_grad=None):
     """Sequence log-prob sums (S,) and, if asked, dL/dhidden and dL/dweight of L = grad_scale * sum_p l(m_p).
 
     grad_scale: float or 0-d tensor (1/P for a mean, 1/global_pairs for a globally normalised sum).
+    chosen_extra_grad: (P,) or None, a further upstream gradient on every token of pair p's chosen sequence (before
+    grad_scale): RPO's -rpo_alpha/|y_p| (spin_fast.loss.rpo_nll).
     Tokens whose target is ignore_index, or whose sequence is in no pair, are skipped: no logits are computed
     for them (prompt tokens cost nothing). Builds the token order on the host: on CUDA that is a sync, which is
     why the Triton path (two passes, no sync) is the one used on GPU.
@@ -243,6 +245,7 @@ def chunked_spin_fused(hidden, weight, targets, seq_index, chosen_index, rejecte
     seq_logps = torch.zeros(num_sequences, dtype=acc_dtype, device=device)                # (S,)
     ref_chosen = ref_chosen_logps.to(acc_dtype)
     ref_rejected = ref_rejected_logps.to(acc_dtype)
+    chosen_extra = chosen_extra_grad.to(acc_dtype) if chosen_extra_grad is not None else None              # (P,)
     dhidden = torch.zeros_like(hidden) if need_hidden_grad else None
     dweight_acc = torch.zeros(weight.shape, dtype=acc_dtype, device=device) if need_weight_grad else None
 
@@ -252,7 +255,11 @@ def chunked_spin_fused(hidden, weight, targets, seq_index, chosen_index, rejecte
         margin = ((seq_logps[chosen_index[pairs]] - ref_chosen[pairs])
                   - (seq_logps[rejected_index[pairs]] - ref_rejected[pairs]))            # (p,)
         dl_dm = pair_loss_margin_grad(margin, beta, loss_type) * grad_scale              # (p,)
-        return dl_dm[token_pair[tok] - first_pair] * side_of_seq[seq_index[tok]]          # (C,)
+        local, side = token_pair[tok] - first_pair, side_of_seq[seq_index[tok]]           # (C,) (C,)
+        g = dl_dm[local] * side                                                           # (C,)
+        if chosen_extra_grad is not None:
+            g = g + (chosen_extra[pairs] * grad_scale)[local] * (side > 0)
+        return g
 
     for first_pair, end_pair, t0, t1 in _pair_aligned_groups(counts, rows):
         if t1 == t0:

@@ -7,7 +7,11 @@ objective in which the human response y is "chosen" and the opponent's own sampl
     loss = -log sigmoid(beta * m)          loss_type="sigmoid"  (the paper's logistic loss)
     loss = relu(1 - beta * m)              loss_type="hinge"
 
-where log pi(y|x) is the SUM of per-token log-probabilities over the response tokens.
+where log pi(y|x) is the SUM of per-token log-probabilities over the response tokens. Optionally (rpo_alpha > 0)
+each pair also pays the human answer's per-token negative log-likelihood, as iterative RPO (Pang et al. 2024,
+"Iterative Reasoning Preference Optimization", eq. 1; their alpha = 1):
+
+    loss_p += rpo_alpha * (-log pi_theta(y|x) / |y|)          |y| = the human answer's response tokens (>= 1)
 
 Everything the fused kernels need from the loss (its derivative w.r.t. the margin) lives here too, so the
 Triton and chunked paths share one statement of the maths.
@@ -33,6 +37,19 @@ def check_beta(beta: float) -> float:
         raise ValueError(f"beta must be a number, got {beta!r}") from None
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"beta must be finite and > 0, got {beta!r}")
+    return value
+
+
+def check_rpo_alpha(rpo_alpha: float) -> float:
+    """The RPO NLL weight: a finite number >= 0 (0: SPIN's loss alone)."""
+    if isinstance(rpo_alpha, torch.Tensor):
+        raise ValueError(f"rpo_alpha must be a Python float, got a tensor of shape {tuple(rpo_alpha.shape)}")
+    try:
+        value = float(rpo_alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"rpo_alpha must be a number, got {rpo_alpha!r}") from None
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"rpo_alpha must be finite and >= 0, got {rpo_alpha!r}")
     return value
 
 
@@ -93,6 +110,13 @@ def pair_loss_margin_grad(margin: torch.Tensor, beta: float, loss_type: str) -> 
     return torch.where(z < 1.0, -beta, 0.0).to(margin.dtype)
 
 
+def rpo_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Per pair -log pi_theta(y|x) / |y| (P,): RPO's length-normalised NLL of the human answer. Its derivative
+    w.r.t. log pi_theta(y|x) is -1/|y|: with weight rpo_alpha, an extra upstream gradient -rpo_alpha/|y| on every
+    token of the chosen sequence, the one term the fused kernels add to +-l'(m)."""
+    return -policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype).clamp_min(1.0)
+
+
 def spin_metrics(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
     """TRL-style metrics, means over the pairs given, as 0-d tensors (no host sync)."""
     with torch.no_grad():
@@ -118,8 +142,13 @@ def spin_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     reduction: str = "mean",
+    rpo_alpha: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
 ):
     """SPIN loss from summed sequence log-probs, each [P]. Returns (loss, metrics).
+
+    rpo_alpha > 0 adds rpo_alpha * rpo_nll per pair (iterative RPO); chosen_lengths [P] (the human answers'
+    response token counts) is then required.
 
     loss is a 0-d tensor for reduction "mean"/"sum" and [P] for "none"; it is computed in fp32 (fp64 if the
     inputs are fp64). metrics: `rewards/chosen`, `rewards/rejected`, `rewards/margins`, `rewards/accuracies`,
@@ -128,6 +157,7 @@ def spin_loss(
     beta = check_beta(beta)
     check_loss_type(loss_type)
     check_reduction(reduction)
+    rpo_alpha = check_rpo_alpha(rpo_alpha)
     _check_pair_vectors(
         policy_chosen_logps=policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,
@@ -138,6 +168,12 @@ def spin_loss(
     margin = ((policy_chosen_logps.to(compute_dtype) - ref_chosen_logps.to(compute_dtype))
               - (policy_rejected_logps.to(compute_dtype) - ref_rejected_logps.to(compute_dtype)))  # (P,)
     losses = pair_losses(margin, beta, loss_type)                                                  # (P,)
+    if rpo_alpha > 0:
+        if not isinstance(chosen_lengths, torch.Tensor) or tuple(chosen_lengths.shape) != tuple(margin.shape):
+            shape = tuple(chosen_lengths.shape) if isinstance(chosen_lengths, torch.Tensor) else chosen_lengths
+            raise ValueError(f"rpo_alpha > 0 needs chosen_lengths [P = {margin.shape[0]}] (response tokens of each "
+                             f"human answer); got {shape}")
+        losses = losses + rpo_alpha * rpo_nll(policy_chosen_logps.to(compute_dtype), chosen_lengths)
     if reduction == "mean":
         loss = losses.mean()
     elif reduction == "sum":
@@ -179,6 +215,12 @@ def reference_token_logprobs(hidden, weight, targets, ignore_index: int = -100, 
     return torch.where(valid, token_logps, 0.0)
 
 
+def reference_response_lengths(targets, seq_index, num_sequences: int, ignore_index: int = -100):
+    """Scored tokens (targets != ignore_index) per sequence: (N,) + (N,) -> (S,) float32."""
+    valid = (targets != ignore_index).float()
+    return torch.zeros(num_sequences, dtype=torch.float32, device=targets.device).index_add_(0, seq_index, valid)
+
+
 def reference_sequence_logps(token_logps: torch.Tensor, seq_index: torch.Tensor, num_sequences: int):
     """Sum of token log-probs per sequence: (N,) + (N,) int64 in [0, S) -> (S,)."""
     out = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
@@ -189,7 +231,7 @@ def reference_spin_loss_from_hidden(
     hidden, weight, targets, seq_index, chosen_index, rejected_index,
     ref_chosen_logps=None, ref_rejected_logps=None, *, ref_hidden=None, ref_weight=None,
     beta=0.1, loss_type="sigmoid", reduction="mean", ignore_index=-100, compute_dtype=torch.float32,
-    upcast_inputs=True, softcap=None,
+    upcast_inputs=True, softcap=None, rpo_alpha=0.0,
 ):
     """The naive packed SPIN loss: full logits for policy (and reference, if given as hidden states).
 
@@ -207,6 +249,8 @@ def reference_spin_loss_from_hidden(
                                                  upcast_inputs, softcap)
             ref_seq = reference_sequence_logps(ref_token, seq_index, num_sequences)
         ref_chosen_logps, ref_rejected_logps = ref_seq[chosen_index], ref_seq[rejected_index]
+    lengths = reference_response_lengths(targets, seq_index, num_sequences, ignore_index)[chosen_index]    # (P,)
     return spin_loss(seq_logps[chosen_index], seq_logps[rejected_index],
                      ref_chosen_logps.to(seq_logps.dtype), ref_rejected_logps.to(seq_logps.dtype),
-                     beta=beta, loss_type=loss_type, reduction=reduction)
+                     beta=beta, loss_type=loss_type, reduction=reduction, rpo_alpha=rpo_alpha,
+                     chosen_lengths=lengths)

@@ -7,11 +7,13 @@ computed here, without grad, from the reference model's hidden states of the sam
 
     logp_s = sum_{n in s} log softmax(W h_n)[t_n]                      sequence sums              (S,)
     m_p    = (logp_chosen_p - ref_chosen_p) - (logp_rejected_p - ref_rejected_p)                    (P,)
-    L      = sum_p l(m_p) / D        D = P ("mean"), 1 ("sum") or a given global pair count (normalizer)
+    L      = sum_p [l(m_p) + alpha * (-logp_chosen_p / |y_p|)] / D
+             D = P ("mean"), 1 ("sum") or a given global pair count (normalizer); alpha = rpo_alpha (iterative
+             RPO's NLL of the human answer, 0 by default), |y_p| its response tokens
 
-dL/dlogp_n = +-l'(m_p)/D for every token of pair p: one scalar per sequence. The gradient is therefore complete
-once the pair's sums are, and it is formed during the forward (the loss has no learnable consumer between it and
-the optimizer: its upstream gradient is a scalar). Backward only scales the stored dhidden / dweight by that
+dL/dlogp_n = (+l'(m_p) - alpha/|y_p|)/D on the chosen tokens of pair p, -l'(m_p)/D on its rejected tokens: one
+scalar per sequence. The gradient is therefore complete once the pair's sums are, and it is formed during the
+forward (the loss has no learnable consumer between it and the optimizer: its upstream gradient is a scalar). Backward only scales the stored dhidden / dweight by that
 scalar. Memory: dweight (V, H) and dhidden (N, H) are held from forward to backward instead of the activations a
 separate backward would recompute from.
 
@@ -24,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .loss import (check_beta, check_loss_type, check_reduction, pair_loss_margin_grad, pair_losses,
-                            reference_spin_loss_from_hidden, spin_metrics)
+from .loss import (check_beta, check_loss_type, check_reduction, check_rpo_alpha, pair_loss_margin_grad,
+                   pair_losses, reference_response_lengths, reference_spin_loss_from_hidden, rpo_nll, spin_metrics)
 
 from .checks import check_linear_inputs, check_packed_layout, check_softcap
 from .chunked import chunked_logprobs_forward, chunked_spin_fused
@@ -47,8 +49,9 @@ def _forward_only_logps(impl, hidden, weight, targets, ignore_index, memory_budg
 
 def _triton_two_pass(hidden, weight, targets, seq_index, chosen_index, rejected_index, ref_chosen, ref_rejected,
                      num_sequences, *, beta, loss_type, grad_scale, ignore_index, need_hidden_grad, need_weight_grad,
-                     triton_config=None, softcap=None):
-    """Pass 1: Triton forward -> sequence sums. Pass 2: Triton backward with g_n = +-l'(m_p) * grad_scale."""
+                     chosen_extra_grad=None, triton_config=None, softcap=None):
+    """Pass 1: Triton forward -> sequence sums. Pass 2: Triton backward with g_n = +-l'(m_p) * grad_scale
+    (+ chosen_extra_grad[p] * grad_scale on the chosen tokens)."""
     from .triton_logprobs import triton_logprobs_backward, triton_logprobs_forward
 
     token_logps, lse = triton_logprobs_forward(hidden, weight, targets, ignore_index, triton_config,
@@ -60,7 +63,8 @@ def _triton_two_pass(hidden, weight, targets, seq_index, chosen_index, rejected_
         dl_dm = pair_loss_margin_grad(margin, beta, loss_type) * grad_scale                           # (P,)
         # Per-sequence upstream gradient: +dl/dm on the chosen side, -dl/dm on the rejected side, 0 if unpaired.
         seq_grad = torch.zeros(num_sequences, dtype=torch.float32, device=hidden.device)              # (S,)
-        seq_grad[chosen_index] = dl_dm.float()
+        chosen_grad = dl_dm if chosen_extra_grad is None else dl_dm + chosen_extra_grad * grad_scale
+        seq_grad[chosen_index] = chosen_grad.float()
         seq_grad[rejected_index] = -dl_dm.float()
         grad_token = seq_grad[seq_index]                                                               # (N,)
         dhidden, dweight = triton_logprobs_backward(hidden, weight, targets, lse, grad_token, ignore_index,
@@ -77,9 +81,11 @@ class FusedSpinLoss(torch.autograd.Function):
         need_hidden_grad = ctx.needs_input_grad[0]
         need_weight_grad = ctx.needs_input_grad[1]
         grad_scale = opts["grad_scale"]
+        lengths = opts["chosen_lengths"]                                          # (P,) or None (no RPO term)
+        chosen_extra = -opts["rpo_alpha"] / lengths.clamp_min(1.0) if lengths is not None else None      # (P,)
         common = dict(beta=opts["beta"], loss_type=opts["loss_type"], grad_scale=grad_scale,
                       ignore_index=opts["ignore_index"], need_hidden_grad=need_hidden_grad,
-                      need_weight_grad=need_weight_grad, softcap=opts["softcap"])
+                      need_weight_grad=need_weight_grad, softcap=opts["softcap"], chosen_extra_grad=chosen_extra)
         if opts["impl"] == "triton":
             seq_logps, dhidden, dweight = _triton_two_pass(
                 hidden, weight, targets, seq_index, chosen_index, rejected_index, ref_chosen, ref_rejected,
@@ -91,7 +97,10 @@ class FusedSpinLoss(torch.autograd.Function):
         policy_chosen = seq_logps[chosen_index]                                                        # (P,)
         policy_rejected = seq_logps[rejected_index]                                                    # (P,)
         margin = (policy_chosen - ref_chosen.to(seq_logps.dtype)) - (policy_rejected - ref_rejected.to(seq_logps.dtype))
-        loss = pair_losses(margin, opts["beta"], opts["loss_type"]).sum() * grad_scale
+        losses = pair_losses(margin, opts["beta"], opts["loss_type"])                                   # (P,)
+        if lengths is not None:
+            losses = losses + opts["rpo_alpha"] * rpo_nll(policy_chosen, lengths)
+        loss = losses.sum() * grad_scale
         # Held as attributes, not save_for_backward: backward scales them in place and gives them away.
         ctx.dhidden, ctx.dweight = dhidden, dweight
         ctx.consumed = False
@@ -166,6 +175,7 @@ def spin_loss_from_hidden(
     memory_budget_bytes: int | None = None,
     triton_config=None,
     softcap: float | None = None,
+    rpo_alpha: float = 0.0,
 ):
     """SPIN loss of a packed micro-batch straight from final hidden states. Returns (loss, metrics).
 
@@ -179,9 +189,12 @@ def spin_loss_from_hidden(
     (targets and indices in range), which are host syncs on CUDA, for callers that validated on the host.
     softcap: None, or c > 0 for soft-capped logits c * tanh(z / c) (Gemma 2), for the policy and for a
     reference given as hidden states.
+    rpo_alpha > 0: each pair also pays rpo_alpha * (-log pi_theta(y|x) / |y|) on its human answer (iterative RPO,
+    Pang et al. 2024; |y| = the chosen sequence's tokens with a target, counted on the device).
     metrics: as `spin_fast.loss.spin_loss` (0-d tensors, no host sync).
     """
     beta = check_beta(beta)
+    rpo_alpha = check_rpo_alpha(rpo_alpha)
     check_loss_type(loss_type)
     check_reduction(reduction, allowed=("mean", "sum"))
     targets = check_linear_inputs(hidden, weight, targets, ignore_index, check_values=check_values)
@@ -213,7 +226,7 @@ def spin_loss_from_hidden(
         loss_sum, metrics = reference_spin_loss_from_hidden(
             hidden, weight, targets, seq_index, chosen_index, rejected_index, ref_chosen_logps, ref_rejected_logps,
             ref_hidden=ref_hidden, ref_weight=ref_weight, beta=beta, loss_type=loss_type, reduction="sum",
-            ignore_index=ignore_index, softcap=softcap,
+            ignore_index=ignore_index, softcap=softcap, rpo_alpha=rpo_alpha,
             compute_dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         return loss_sum * grad_scale, metrics
 
@@ -227,9 +240,13 @@ def spin_loss_from_hidden(
     ref_chosen = ref_chosen_logps.detach().to(acc_dtype)
     ref_rejected = ref_rejected_logps.detach().to(acc_dtype)
 
+    chosen_lengths = None
+    if rpo_alpha > 0:
+        chosen_lengths = reference_response_lengths(targets, seq_index, num_sequences, ignore_index)[chosen_index]
+        chosen_lengths = chosen_lengths.to(acc_dtype)                                                 # (P,)
     opts = dict(impl=impl, beta=beta, loss_type=loss_type, grad_scale=grad_scale, ignore_index=ignore_index,
                 num_sequences=num_sequences, memory_budget_bytes=memory_budget_bytes, triton_config=triton_config,
-                softcap=softcap)
+                softcap=softcap, rpo_alpha=rpo_alpha, chosen_lengths=chosen_lengths)
     loss, policy_chosen, policy_rejected = FusedSpinLoss.apply(
         hidden, weight, targets, seq_index, chosen_index, rejected_index, ref_chosen, ref_rejected, opts)
     metrics = spin_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)

@@ -3,8 +3,11 @@
 Subpackage `spin_fast.kernels`: fused log-prob + SPIN loss kernels (Triton and chunked PyTorch).
 Modules, from the bottom up:
   loss.py       the reference SPIN loss and log-probs (the oracle of every test)
+  errors.py     InputError, the one exception type for bad user input (one line, exit 2)
+  rows.py       reading data files and the one row validator of every reader (file:row errors)
+  template.py   chat templates in a sandboxed Jinja environment with a time and size limit
   chat.py       chat-template rendering, shared by sampler and trainer
-  data.py       reading and validating SFT / prompt rows and training pairs (file:row errors)
+  data.py       training pairs from three row schemas, rendered and truncated
   packing.py    pair-preserving token-budget packing and collation (C++ in csrc/, Python reference)
   model.py      the Llama-family decoder (+ attention.py, hf_io.py for HF folders in and out)
   sampler.py    KV-cached, continuously batched generation with per-prompt seeding

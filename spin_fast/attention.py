@@ -23,6 +23,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 BACKENDS = ("auto", "sdpa", "flex", "flash")
 
 try:  # optional: flash-attn is not a dependency, and is never installed on CPU machines
@@ -53,12 +55,12 @@ def _flex(q, k, v, block_mask, enable_gqa):
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        raise InputError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "flash" and flash_attn_varlen_func is None:
-        raise ValueError("attention backend 'flash' requested but flash_attn is not importable; "
+        raise InputError("attention backend 'flash' requested but flash_attn is not importable; "
                          "use 'sdpa', 'flex' or 'auto'")
     if backend == "flex" and flex_attention is None:
-        raise ValueError("attention backend 'flex' requested but this torch has no FlexAttention; use 'sdpa'")
+        raise InputError("attention backend 'flex' requested but this torch has no FlexAttention; use 'sdpa'")
     return backend
 
 
@@ -70,7 +72,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "sdpa"
         return "flash" if flash_attn_varlen_func is not None else ("flex" if flex_attention is not None else "sdpa")
     if backend == "flash" and device.type != "cuda":
-        raise ValueError(f"attention backend 'flash' needs CUDA tensors, got device {device}")
+        raise InputError(f"attention backend 'flash' needs CUDA tensors, got device {device}")
     return backend
 
 

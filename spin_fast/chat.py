@@ -6,11 +6,19 @@ tokenize that text with add_special_tokens=False (the template itself writes BOS
 """
 from __future__ import annotations
 
+from .errors import InputError
+
+
+class RenderError(ValueError):
+    """The chat template fails on, or cannot split, one conversation (a property of the row: the readers turn it
+    into a BadRow naming file:row)."""
+
+
 def _template(tokenizer, chat_template: str | None) -> str:
     tpl = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     if not tpl:
         name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
-        raise ValueError(f"tokenizer {name!r} has no chat template: pass one (--chat-template STR / "
+        raise InputError(f"tokenizer {name!r} has no chat template: pass one (--chat-template STR / "
                          f"chat_template=...), e.g. \"{{% for m in messages %}}{{{{ m['role'] }}}}: "
                          f"{{{{ m['content'] }}}}\\n{{% endfor %}}{{% if add_generation_prompt %}}assistant: {{% endif %}}\"")
     return tpl
@@ -23,7 +31,7 @@ def render_text(tokenizer, messages: list[dict], chat_template: str | None = Non
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja2 TemplateError / raise_exception() in the template, e.g. role order
-        raise ValueError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
+        raise RenderError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -46,7 +54,7 @@ def render_prompt_response(tokenizer, messages: list[dict], response: str,
     full_text = render_text(tokenizer, list(messages) + [{"role": "assistant", "content": response}],
                             chat_template, add_generation_prompt=False)
     if not full_text.startswith(prompt_text):
-        raise ValueError("chat template renders prompt+response with a different prefix than the prompt alone "
+        raise RenderError("chat template renders prompt+response with a different prefix than the prompt alone "
                          "(generation prompt not a prefix); cannot split prompt and response tokens")
     prompt_ids = encode(tokenizer, prompt_text)
     # tokenized separately: BPE merges across the boundary would otherwise shift the split point

@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InputError
+
 
 def _f(default, help: str, **kw):
     if isinstance(default, (list, dict)):
@@ -131,12 +133,12 @@ class Config:
                                    "manifest.json)")
 
     def validate(self) -> "Config":
-        """Range and choice checks; ValueError naming the key."""
+        """Range and choice checks; InputError naming the key."""
         t, d, m = self.train, self.data, self.model
 
         def need(ok: bool, key: str, what: str, value):
             if not ok:
-                raise ValueError(f"config {key}: {what}, got {value!r}")
+                raise InputError(f"config {key}: {what}, got {value!r}")
 
         choices = {"model.dtype": (m.dtype, ("float32", "bfloat16")),
                    "model.mixed_precision": (m.mixed_precision, ("auto", "bfloat16", "float32")),
@@ -195,10 +197,27 @@ class Config:
              f"must hold the longest possible pair, 2 * data.max_length = {2 * d.max_length}", t.micro_batch_tokens)
         need(t.tokens_per_step >= t.micro_batch_tokens, "train.tokens_per_step",
              f"must be >= train.micro_batch_tokens = {t.micro_batch_tokens}", t.tokens_per_step)
+        need(0 <= self.seed < 2 ** 32, "seed", "must be in [0, 2**32)", self.seed)
+        if d.pairs and d.sft:
+            raise InputError(f"config data.pairs and data.sft are both set ({d.pairs}, {d.sft}): data.pairs runs "
+                             f"the training phase alone on existing pairs, data.sft the SPIN loop; pass one")
         if m.path is not None:
             p = Path(m.path)
             need(p.is_dir() and (p / "config.json").is_file(), "model.path",
                  "must be a Hugging Face model folder (with config.json)", m.path)
+        if self.output is not None:
+            need(not Path(self.output).exists() or Path(self.output).is_dir(), "output",
+                 "is an existing file; the output is a folder", self.output)
+        return self
+
+    def check_paths(self) -> "Config":
+        """Every data path exists (a run would otherwise stop only when it first reads it)."""
+        for key in ("data.sft", "data.pairs", "data.generated"):
+            for i, path in enumerate(getattr(self.data, key.split(".")[1])):
+                if not Path(path).exists():
+                    hint = " (paths are not split at commas: pass several as --KEY a.jsonl b.jsonl)".replace(
+                        "KEY", key) if "," in path else ""
+                    raise InputError(f"config {key}[{i}]: no such file or folder {path!r}{hint}")
         return self
 
 
@@ -225,7 +244,7 @@ def _is_section(tp) -> bool:
 
 
 def _coerce(key: str, tp, value, *, from_cli: bool):
-    """`value` as type `tp` (int, float, bool, str, X | None, list[X]); ValueError naming `key`."""
+    """`value` as type `tp` (int, float, bool, str, X | None, list[X]); InputError naming `key`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None or (from_cli and isinstance(value, str) and value.lower() in ("none", "null")):
@@ -235,44 +254,49 @@ def _coerce(key: str, tp, value, *, from_cli: bool):
     if origin is list:
         (inner,) = args
         if from_cli and isinstance(value, str):
-            value = [v for v in value.split(",") if v != ""]
+            # numbers split at commas (--train.adam_betas=0.9,0.95); strings are paths, which may hold a comma:
+            # several are several values (--data.sft a.jsonl b.jsonl) or a repeated flag
+            value = [v for v in value.split(",") if v != ""] if inner is not str else [value]
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config {key}: expected a list, got {type(value).__name__} {value!r}")
+            raise InputError(f"config {key}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(f"{key}[{i}]", inner, v, from_cli=from_cli) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
         if from_cli and isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ValueError(f"config {key}: expected true/false, got {value!r}")
+        raise InputError(f"config {key}: expected true/false, got {value!r}")
     if tp is int:
         # YAML has real integers: a string there is a mistake; on the CLI every value is a string
         if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not from_cli):
-            raise ValueError(f"config {key}: expected an integer, got {type(value).__name__} {value!r}")
+            raise InputError(f"config {key}: expected an integer, got {type(value).__name__} {value!r}")
         try:
-            return int(value)
+            out = int(value)
         except ValueError:
-            raise ValueError(f"config {key}: expected an integer, got {value!r}") from None
+            raise InputError(f"config {key}: expected an integer, got {value!r:.40}") from None
+        if not -2 ** 63 <= out < 2 ** 63:                  # every integer ends up in a C int64 somewhere
+            raise InputError(f"config {key}: {value!r:.40} is out of range (a 64-bit integer)")
+        return out
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"config {key}: expected a number, got {type(value).__name__} {value!r}")
+            raise InputError(f"config {key}: expected a number, got {type(value).__name__} {value!r}")
         try:
             out = float(value)   # strings too: PyYAML reads 5e-6 (no dot) as the string '5e-6'
         except ValueError:
-            raise ValueError(f"config {key}: expected a number, got {value!r}") from None
+            raise InputError(f"config {key}: expected a number, got {value!r}") from None
         if not math.isfinite(out):
-            raise ValueError(f"config {key}: expected a finite number, got {value!r}")
+            raise InputError(f"config {key}: expected a finite number, got {value!r}")
         return out
     if tp is str:
         if not isinstance(value, (str, Path)) or isinstance(value, bool):
-            raise ValueError(f"config {key}: expected a string, got {type(value).__name__} {value!r}")
+            raise InputError(f"config {key}: expected a string, got {type(value).__name__} {value!r}")
         return str(value)
     raise TypeError(f"config {key}: unsupported field type {tp}")
 
 
-def _unknown(key: str, known) -> ValueError:
+def _unknown(key: str, known) -> InputError:
     close = difflib.get_close_matches(key, list(known), n=1)
-    return ValueError(f"config: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    return InputError(f"config: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                       + f"; known keys: {', '.join(sorted(known))}")
 
 
@@ -316,7 +340,7 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
             if v is None:                 # an empty section (every key commented out): its defaults
                 continue
             if not isinstance(v, dict):
-                raise ValueError(f"config {key}: a section, must be a mapping of keys, got {type(v).__name__} "
+                raise InputError(f"config {key}: a section, must be a mapping of keys, got {type(v).__name__} "
                                  f"{v!r:.60}")
             out.extend(_flatten(v, key + "."))
         else:
@@ -334,51 +358,86 @@ def _hints_for(key: str):
     return tp
 
 
+def _yaml_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one, silently)."""
+    import yaml
+
+    class NoDuplicatesLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}, again at line "
+                                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+    return NoDuplicatesLoader
+
+
 def from_yaml(path) -> Config:
     import yaml
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {path} " + ("is not a file" if path.exists() else "does not exist"))
+        raise InputError(f"config file {path} " + ("is not a file" if path.exists() else "does not exist"))
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader())
+    except yaml.constructor.ConstructorError as e:
+        where = f":{e.problem_mark.line + 1}" if e.problem_mark is not None else ""
+        raise InputError(f"{path}{where}: {e.problem}") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
+        raise InputError(f"{path}: not valid YAML ({e})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise InputError(f"{path}: not a readable YAML text file ({type(e).__name__})") from None
     if raw is None:                       # an empty file: every default
         raw = {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+        raise InputError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
     cfg = Config()
     for key, value in _flatten(raw):
         try:
             set_key(cfg, key, value, from_cli=False)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        except InputError as e:
+            raise InputError(f"{path}: {e}") from None
     return cfg
 
 
 def apply_overrides(cfg: Config, argv: list[str]) -> Config:
-    """`--key=value` / `--key value` (dotted keys or ALIASES); `--flag` alone sets a boolean key to true."""
+    """`--key=value` / `--key value` (dotted keys or ALIASES); `--flag` alone sets a boolean key to true.
+    A list of paths (list[str]) takes every value up to the next `--` flag, and a repeated flag adds to it:
+    `--data.sft a.jsonl b.jsonl` = `--data.sft a.jsonl --data.sft b.jsonl` (a comma is part of a path)."""
     i = 0
     keys = all_keys()
+    lists: dict[str, list] = {}                  # path lists given on this command line (they replace the YAML's)
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ValueError(f"config: unexpected argument {arg!r} (overrides look like --train.lr=1e-6)")
+            raise InputError(f"config: unexpected argument {arg!r} (overrides look like --train.lr=1e-6)")
         name, eq, value = arg[2:].partition("=")
         key = name.replace("-", "_")
         key = ALIASES.get(key, key)
         if key not in keys:
             raise _unknown(name, set(keys) | set(ALIASES))
+        path_list = keys[key][0] == list[str]
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if keys[key][0] is bool and (nxt is None or nxt.startswith("--")):
                 value = "true"
             elif nxt is None or nxt.startswith("--"):
-                raise ValueError(f"config {key}: --{name} needs a value")
+                raise InputError(f"config {key}: --{name} needs a value")
             else:
                 value = nxt
                 i += 1
-        set_key(cfg, key, value, from_cli=True)
+        if path_list:
+            values = [value]
+            while not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                values.append(argv[i + 1])
+                i += 1
+            lists[key] = lists.get(key, []) + [v for v in values if v != ""]      # --data.sft= : none
+            set_key(cfg, key, lists[key], from_cli=True)
+        else:
+            set_key(cfg, key, value, from_cli=True)
         i += 1
     return cfg
 

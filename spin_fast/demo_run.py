@@ -81,13 +81,11 @@ def prepare_demo(cfg: Config, rt: Runtime):
 
 def evaluate(cfg: Config, rt: Runtime, model_dir: Path) -> dict:
     """Greedy exact match of `model_dir` on the loop's held-out rows (every rank: the prompts are sharded)."""
-    from transformers import AutoTokenizer
-
-    from .data import read_rows
-    from .hf_io import load_model
+    from .hf_io import load_model, load_tokenizer
+    from .rows import read_rows
     rows = [r for _, r in read_rows(Path(cfg.output) / "data" / "heldout.jsonl")]
     model = load_model(model_dir, device=rt.device)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     res = demo.exact_match(model, tok, rows, max_new_tokens=cfg.generate.max_new_tokens)
     return {"accuracy": res["accuracy"], "n": res["n"], "by_kind": res["by_kind"]}
 

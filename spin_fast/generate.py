@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from .chat import render_prompt
-from .data import load_prompts
-from .hf_io import load_model
+from .chat import RenderError, render_prompt
+from .errors import InputError
+from .hf_io import load_model, load_tokenizer
 from .integrity import OutputLock, dumps
+from .rows import BadRow, load_prompts
 from .runtime import fault_point, init_runtime, on_rank0, run_main, shutdown
 from .sampler import Sampler, SamplingParams, generate_sharded
 
@@ -57,7 +59,27 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     ap.add_argument("--attn-backend", choices=("auto", "sdpa", "flex", "flash"), default="auto")
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args) -> None:
+    """Value checks naming the flag (argparse checks only the types)."""
+    def need(ok: bool, flag: str, what: str, value):
+        if not ok:
+            raise InputError(f"--{flag}: {what}, got {value!r}")
+    need(args.max_new_tokens >= 1, "max-new-tokens", "must be >= 1", args.max_new_tokens)
+    need(math.isfinite(args.temperature) and args.temperature >= 0, "temperature", "must be finite and >= 0",
+         args.temperature)
+    need(0 < args.top_p <= 1, "top-p", "must be in (0, 1]", args.top_p)
+    need(args.top_k >= 0, "top-k", "must be >= 0", args.top_k)
+    need(args.batch_size >= 1, "batch-size", "must be >= 1", args.batch_size)
+    need(0 <= args.seed < 2 ** 63, "seed", "must be in [0, 2**63)", args.seed)
+    need(args.max_prompt_length >= 1, "max-prompt-length", "must be >= 1", args.max_prompt_length)
+    need(all(args.stop), "stop", "stop strings must not be empty", args.stop)
+    need(not Path(args.output).is_dir(), "output", "is a folder; the output is a .jsonl file", args.output)
+    need(Path(args.model).is_dir(), "model", "must be a Hugging Face model folder", args.model)
 
 
 def read_done(path: Path) -> dict[int, str]:
@@ -77,7 +99,7 @@ def read_done(path: Path) -> dict[int, str]:
             row = json.loads(line)
             done[int(row["index"])] = str(row["prompt_id"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}:{lineno}: not a row written by spin_fast.generate ({e!r}); "
+            raise InputError(f"{path}:{lineno}: not a row written by spin_fast.generate ({e!r}); "
                              f"use a fresh --output") from None
     return done
 
@@ -112,18 +134,16 @@ def main(argv=None):
 
 def run(args, rt) -> dict:
     """The generation phase on an initialised runtime (also called by the SPIN loop); returns the summary."""
-    from transformers import AutoTokenizer
     rank, world, device = rt.rank, rt.world, rt.device
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, greedy=args.greedy, seed=args.seed, stop_strings=tuple(args.stop),
                             return_logprobs=args.logprobs)
-    if args.max_prompt_length < 1:
-        raise ValueError(f"--max-prompt-length must be >= 1, got {args.max_prompt_length}")
 
     model_dir, out_path = Path(args.model), Path(args.output)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     rows, bad = load_prompts(args.data, skip_bad_rows=args.skip_bad_rows)
+    n_rows = len(rows) + len(bad)
     done = read_done(out_path) if rank == 0 else {}
     if world > 1:  # every rank must agree on what is left; rank 0 read the file
         box = [done]
@@ -131,37 +151,38 @@ def run(args, rt) -> dict:
         done = box[0]
     for r in rows:
         if r.index in done and done[r.index] != r.prompt_id:
-            raise ValueError(f"{out_path}: row index {r.index} has prompt_id {done[r.index]!r} but {args.data} "
-                             f"row {r.index} has {r.prompt_id!r}: the output belongs to different data")
+            raise InputError(f"{out_path}: row index {r.index} has prompt_id {done[r.index]!r} but {r.loc} has "
+                             f"{r.prompt_id!r}: the output belongs to different data")
     todo = [r for r in rows if r.index not in done]
 
     model = load_model(model_dir, device=device, dtype=dtype, attn_backend=args.attn_backend)
     ctx = model.config.max_position_embeddings
     if args.max_new_tokens >= ctx:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be < the model context {ctx}")
+        raise InputError(f"--max-new-tokens {args.max_new_tokens} must be < the model context {ctx}")
     # room for max_new_tokens after every prompt, so "length" means max_new_tokens, not a full context
     limit = min(args.max_prompt_length, ctx - args.max_new_tokens)
     prompts, kept, truncated = [], [], 0
     for r in todo:
         try:
-            ids = render_prompt(tokenizer, r.messages, args.chat_template)
+            try:
+                ids = render_prompt(tokenizer, r.messages, args.chat_template)
+            except RenderError as e:
+                raise BadRow(r.loc, str(e), "template") from None
             if not ids:
-                raise ValueError("prompt renders to 0 tokens")
-        except ValueError as e:
-            if "no chat template" in str(e):
-                raise                      # a property of the tokenizer, not of this row
-            if not args.skip_bad_rows:
-                raise ValueError(f"{r.loc}: {e}") from None
-            bad.append(f"{r.loc}: {e}")
+                raise BadRow(r.loc, "the prompt renders to 0 tokens", "empty_text")
+            if len(ids) > limit and args.truncation == "error":
+                raise BadRow(r.loc, f"prompt has {len(ids)} tokens > limit {limit} (--max-prompt-length "
+                                    f"{args.max_prompt_length}; model context {ctx} minus --max-new-tokens "
+                                    f"{args.max_new_tokens}); use --truncation left", "too_long")
+        except BadRow as e:
+            bad.add(e, args.skip_bad_rows)
             continue
         if len(ids) > limit:
-            if args.truncation == "error":
-                raise ValueError(f"{r.loc}: prompt has {len(ids)} tokens > limit {limit} (--max-prompt-length "
-                                 f"{args.max_prompt_length}; model context {ctx} minus --max-new-tokens "
-                                 f"{args.max_new_tokens}); use --truncation left")
             ids, truncated = ids[-limit:], truncated + 1       # keep the end: the question and the turn marker
         prompts.append(ids)
         kept.append(r)
+    if not kept and not done:
+        raise InputError(f"{args.data}: no usable prompts ({len(bad)} bad rows skipped; first: {bad[0]})")
 
     sampler = Sampler(model, batch_size=args.batch_size, eos_token_ids=eos_ids(model_dir, model, tokenizer),
                       tokenizer=tokenizer)
@@ -202,8 +223,8 @@ def run(args, rt) -> dict:
                 for r, g in zip(kept, gens):
                     write(r, g)
     dt = time.perf_counter() - t0
-    summary = {"rows": len(rows) + len(bad), "already_done": len(done), "generated": len(kept),
-               "bad_rows": len(bad), "truncated_prompts": truncated, "finish_reasons": dict(reasons),
+    summary = {"rows": n_rows, "already_done": len(done), "generated": len(kept), **bad.summary(),
+               "truncated_prompts": truncated, "finish_reasons": dict(reasons),
                "new_tokens": n_tokens, "seconds": round(dt, 2), "tokens_per_s": round(n_tokens / max(dt, 1e-9), 1)}
     if rank == 0:
         for msg in bad[:10]:

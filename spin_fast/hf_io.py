@@ -18,6 +18,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import InputError
 from .model import ModelConfig, Transformer, rope_inv_freq
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -31,8 +32,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _unsupported(source, what: str) -> ValueError:
-    return ValueError(f"{source}: {what}. Supported: model_type in {SUPPORTED_MODEL_TYPES}, rope_type in "
+def _unsupported(source, what: str) -> InputError:
+    return InputError(f"{source}: {what}. Supported: model_type in {SUPPORTED_MODEL_TYPES}, rope_type in "
                       f"{SUPPORTED_ROPE_TYPES}, hidden_act 'silu', full (non-sliding) causal attention, "
                       f"mlp_bias false, partial_rotary_factor 1.0")
 
@@ -71,7 +72,7 @@ def config_from_hf(hf: dict, source="config.json") -> ModelConfig:
         raise _unsupported(source, f"model_type {mt!r}")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(hf.get(key), int) or hf[key] <= 0:
-            raise ValueError(f"{source}: field {key!r} must be a positive int, got {hf.get(key)!r}")
+            raise InputError(f"{source}: field {key!r} must be a positive int, got {hf.get(key)!r}")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise _unsupported(source, f"hidden_act {act!r}")
@@ -108,18 +109,25 @@ def config_from_hf(hf: dict, source="config.json") -> ModelConfig:
             qkv_bias=qkv_bias, o_bias=mt != "qwen2" and bool(hf.get("attention_bias", False)),
             model_type=mt, bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos, hf_config=dict(hf))
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise InputError(f"{source}: {e}") from None
 
 
 def read_config(folder) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise ValueError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+        raise InputError(f"{folder}: no config.json (expected a Hugging Face model folder)")
     try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return config_from_hf(hf, source=str(path))
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise InputError(f"{path}: must hold a JSON object, got {type(hf).__name__}")
+    try:
+        return config_from_hf(hf, source=str(path))
+    except InputError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as e:   # a field of the wrong type, e.g. "eos": {}
+        raise InputError(f"{path}: malformed config ({type(e).__name__}: {e})") from None
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
@@ -129,17 +137,17 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: unreadable shard index ({e!r})") from None
+            raise InputError(f"{index}: unreadable shard index ({e!r})") from None
         return {name: folder / f for name, f in weight_map.items()}
     single = folder / "model.safetensors"
     if not single.is_file():
-        raise ValueError(f"{folder}: neither model.safetensors nor model.safetensors.index.json "
+        raise InputError(f"{folder}: neither model.safetensors nor model.safetensors.index.json "
                          f"(only safetensors checkpoints are supported)")
     try:
         with safe_open(str(single), framework="pt") as f:
             return {name: single for name in f.keys()}
     except Exception as e:
-        raise ValueError(f"{single}: corrupt or unreadable safetensors file ({e})") from None
+        raise InputError(f"{single}: corrupt or unreadable safetensors file ({e})") from None
 
 
 def _hf_name(name: str) -> str:
@@ -156,12 +164,12 @@ def load_model(folder, device="cpu", dtype: torch.dtype = torch.float32, attn_ba
     files = _weight_files(folder)
     missing = sorted(set(expected) - set(files))
     if missing:
-        raise ValueError(f"{folder}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        raise InputError(f"{folder}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     tied_head = model.lm_head is None  # some tied checkpoints also store lm_head.weight: ignored
     unexpected = sorted(n for n in set(files) - set(expected)
                         if not n.endswith(IGNORED_TENSOR_SUFFIXES) and not (n == "lm_head.weight" and tied_head))
     if unexpected:
-        raise ValueError(f"{folder}: unexpected tensor(s) {unexpected[:8]} for a {cfg.model_type} model "
+        raise InputError(f"{folder}: unexpected tensor(s) {unexpected[:8]} for a {cfg.model_type} model "
                          f"(a different architecture?)")
     modules = dict(model.named_modules())
     by_file: dict[Path, list[str]] = {}
@@ -169,7 +177,7 @@ def load_model(folder, device="cpu", dtype: torch.dtype = torch.float32, attn_ba
         by_file.setdefault(files[hf_name], []).append(hf_name)
     for path, names in by_file.items():
         if not path.is_file():
-            raise ValueError(f"{path}: shard named in the index does not exist (needed for {names[0]})")
+            raise InputError(f"{path}: shard named in the index does not exist (needed for {names[0]})")
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for hf_name in names:
@@ -180,16 +188,16 @@ def load_model(folder, device="cpu", dtype: torch.dtype = torch.float32, attn_ba
                     try:
                         t = f.get_tensor(hf_name)
                     except Exception as e:
-                        raise ValueError(f"{path}: cannot read tensor {hf_name} ({e})") from None
+                        raise InputError(f"{path}: cannot read tensor {hf_name} ({e})") from None
                     if tuple(t.shape) != want:
-                        raise ValueError(f"{path}: tensor {hf_name} has shape {tuple(t.shape)}, expected {want} "
+                        raise InputError(f"{path}: tensor {hf_name} has shape {tuple(t.shape)}, expected {want} "
                                          f"from config.json")
                     # one copy: the loaded tensor becomes the parameter (cast/moved once, then the CPU copy is freed)
                     setattr(mod, attr, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
         except ValueError:
             raise
         except Exception as e:  # safetensors header / buffer errors
-            raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+            raise InputError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
     model.inv_freq = rope_inv_freq(cfg).to(device)
     return model.eval()
 
@@ -256,3 +264,18 @@ def save_model(model: Transformer, out_dir, tokenizer=None, source_dir=None, max
         gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return out
+
+
+def load_tokenizer(folder):
+    """The folder's tokenizer (transformers.AutoTokenizer), read from the folder alone: no hub look-up
+    (local_files_only) and never code from the folder (trust_remote_code=False: a tokenizer_config.json whose
+    `auto_map` names a .py file is refused, not run). Any failure is an InputError naming the folder."""
+    from transformers import AutoTokenizer
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder (expected a Hugging Face model folder)")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+    except Exception as e:       # OSError, ValueError, json / sentencepiece errors: the folder's files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {first[:300]})") from None

@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from .config import Config
-from .data import concat_pairs, load_pairs, read_rows
+from .data import concat_pairs, load_pairs
+from .errors import InputError
 from .integrity import verify_checksums, write_checksums, write_json
 from .phases import generate_phase, sft_phase, train_phase
+from .rows import ORIGIN_KEY, BadRow, SkippedRows, read_rows, sft_row
 from .runtime import Runtime, on_rank0
 
 log = logging.getLogger("spin_fast.loop")
@@ -36,18 +38,42 @@ def _barrier(rt: Runtime) -> None:
         torch.distributed.barrier()
 
 
-def split_sft(cfg: Config, out: Path, rt: Runtime) -> tuple[Path, Path | None]:
-    """OUTPUT/data/{train,heldout}.jsonl from data.sft: `loop.heldout` rows drawn with the seed, the rest train."""
+def split_sft(cfg: Config, out: Path, rt: Runtime) -> tuple[Path, Path | None, SkippedRows]:
+    """OUTPUT/data/{train,heldout}.jsonl from data.sft: `loop.heldout` rows drawn with the seed, the rest train.
+
+    Only rows the trainer accepts (rows.sft_row) are kept: a bad row stops the run naming the user's file:row, or
+    with data.skip_bad_rows is skipped and counted (OUTPUT/data/split.json). Each kept row carries its origin
+    (rows.ORIGIN_KEY), so errors of the later phases still name the user's file and row."""
     folder = out / "data"
-    train, held = folder / "train.jsonl", folder / "heldout.jsonl"
-    if not train.is_file():
-        # every rank reads (so a bad file stops every rank alike); rank 0 writes
-        rows = [row for path in cfg.data.sft for _, row in read_rows(path)]
+    train, held, info = folder / "train.jsonl", folder / "heldout.jsonl", folder / "split.json"
+    bad = SkippedRows()
+    if train.is_file():                                   # resume: the split is fixed
+        if info.is_file():
+            saved = json.loads(info.read_text())
+            bad.extend(saved.get("first_bad_rows", []))
+            bad.by_kind.update(saved.get("bad_rows_by_kind", {}))
+    else:
+        # every rank reads and validates (so a bad file stops every rank alike); rank 0 writes
+        rows = []
+        for path in cfg.data.sft:
+            for loc, row in read_rows(path):
+                try:
+                    sft_row(loc, row)
+                    rows.append({**row, ORIGIN_KEY: loc})
+                except BadRow as e:
+                    bad.add(e, cfg.data.skip_bad_rows)
+        if not rows:
+            raise InputError(f"no usable rows in data.sft {cfg.data.sft} ({bad.count} bad rows skipped; first: "
+                             f"{bad[0]})")
+        if cfg.loop.heldout >= len(rows):
+            raise InputError(f"config loop.heldout: {cfg.loop.heldout} held-out rows leave none of the {len(rows)} "
+                             f"usable rows of data.sft {cfg.data.sft} to train on; lower it (0: no held-out check)")
     if rt.is_main and not train.is_file():
-        n_held = min(cfg.loop.heldout, max(0, len(rows) - 1))
         order = np.random.default_rng([cfg.seed, 7]).permutation(len(rows))
-        held_ids = set(order[:n_held].tolist())
+        held_ids = set(order[:cfg.loop.heldout].tolist())
         folder.mkdir(parents=True, exist_ok=True)
+        write_json(info, {"rows": len(rows) + bad.count, "train": len(rows) - len(held_ids),
+                          "heldout": len(held_ids), **bad.summary(), "first_bad_rows": bad[:10]})
         for path, keep in ((held, lambda i: i in held_ids), (train, lambda i: i not in held_ids)):
             tmp = path.with_suffix(".tmp")
             with tmp.open("w", encoding="utf-8") as f:
@@ -55,8 +81,10 @@ def split_sft(cfg: Config, out: Path, rt: Runtime) -> tuple[Path, Path | None]:
                     if keep(i):
                         f.write(json.dumps(row, ensure_ascii=False) + "\n")
             os.replace(tmp, path)
+        for msg in bad[:10]:
+            log.warning("skipped: %s", msg)
     _barrier(rt)
-    return train, (held if held.is_file() and held.stat().st_size > 0 else None)
+    return train, (held if held.is_file() and held.stat().st_size > 0 else None), bad
 
 
 def is_finished(folder: Path) -> bool:
@@ -78,7 +106,7 @@ def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
     """Every iteration; returns their summaries. evaluate(model_dir) -> dict: an extra per-iteration metric
     (the demo's exact-match accuracy), called on every rank."""
     out = Path(cfg.output)                  # train.main holds its lock and wrote its manifest.json
-    train_file, held_file = split_sft(cfg, out, rt)
+    train_file, held_file, split_bad = split_sft(cfg, out, rt)
     data_opts = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                      chat_template=cfg.data.chat_template, skip_bad_rows=cfg.data.skip_bad_rows)
     opponent = Path(cfg.model.path)
@@ -100,7 +128,7 @@ def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
     if cfg.loop.start_iteration > 0:
         opponent = out / f"iter{cfg.loop.start_iteration - 1}"
         if not is_finished(opponent):
-            raise ValueError(f"loop.start_iteration={cfg.loop.start_iteration}: its opponent {opponent} is not a "
+            raise InputError(f"loop.start_iteration={cfg.loop.start_iteration}: its opponent {opponent} is not a "
                              f"finished iteration")
     for t in range(cfg.loop.start_iteration, cfg.loop.iterations):
         final, work, tmp = out / f"iter{t}", out / f"iter{t}.work", out / f"iter{t}.tmp"
@@ -129,7 +157,10 @@ def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
             pairs = concat_pairs(pairs, prev)
         heldout = None
         if held_file is not None:
-            heldout, _ = load_pairs(held_file, tokenizer, generated=work / "generated_heldout.jsonl", **data_opts)
+            heldout, held_bad = load_pairs(held_file, tokenizer, generated=work / "generated_heldout.jsonl",
+                                           **data_opts)
+            bad.extend_from(held_bad)
+        bad.extend_from(split_bad)
         # 3. reference cache + training -> iter{t}.tmp
         s = train_phase(cfg, rt, model_dir=opponent, out_dir=tmp, pairs=pairs, tokenizer=tokenizer,
                         heldout=heldout, cache_path=work / "ref_logps.safetensors", checkpoint_dir=work / "ckpt")
@@ -143,7 +174,7 @@ def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
                    "iteration_wall_s": wall,
                    # end to end: the SPIN data this iteration produced and trained on, per second of the iteration
                    "iteration_tokens_per_s": s["train"]["tokens"] / max(wall, 1e-9),
-                   "bad_rows": len(bad)}
+                   **bad.summary()}
         if evaluate is not None:
             summary["eval"] = evaluate(tmp)
         publish(rt, tmp, final, summary)

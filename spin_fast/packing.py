@@ -24,6 +24,8 @@ import os
 
 import numpy as np
 
+from .errors import InputError
+
 IGNORE_INDEX = -100
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
@@ -85,7 +87,7 @@ def check_token_range(tokens: np.ndarray, vocab: int) -> None:
     """Token ids vs the model's vocabulary, once on the host, so every kernel call can skip its value checks
     (device syncs)."""
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
-        raise ValueError(f"tokens span [{int(tokens.min())}, {int(tokens.max())}] but the model's vocabulary has "
+        raise InputError(f"tokens span [{int(tokens.min())}, {int(tokens.max())}] but the model's vocabulary has "
                          f"{vocab} entries: a tokenizer of another model?")
 
 

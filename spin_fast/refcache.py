@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import InputError
 from .kernels import linear_logprobs
 from .packing import IGNORE_INDEX, check_token_range, collate, pair_token_counts, plan_micro_batches, to_torch
 from .runtime import fault_point
@@ -42,7 +43,7 @@ MATCH_KEYS = ("code_version", "weights_fingerprint", "tokenizer_fingerprint", "m
               "data_fingerprint", "dtype", "num_pairs")
 
 
-class RefCacheError(ValueError):
+class RefCacheError(InputError):
     """The cache file exists but cannot be trusted (corrupt, truncated, wrong content); str() names the file."""
 
 
@@ -83,7 +84,7 @@ def folder_fingerprint(folder) -> str:
     files = sorted(p for p in folder.iterdir()
                    if p.name == "config.json" or p.name.endswith(".safetensors") or p.name.endswith(".safetensors.index.json"))
     if not any(p.name.endswith(".safetensors") for p in files):
-        raise ValueError(f"{folder}: no safetensors files to fingerprint")
+        raise InputError(f"{folder}: no safetensors files to fingerprint")
     h = hashlib.sha256(b"spin_fast.folder/1\n")
     for p in files:
         h.update(f"{p.name} {p.stat().st_size}\n".encode())
@@ -103,7 +104,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     elif hasattr(tokenizer, "get_vocab"):
         h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     else:
-        raise ValueError(f"cannot fingerprint tokenizer {type(tokenizer).__name__}: no backend_tokenizer or get_vocab")
+        raise InputError(f"cannot fingerprint tokenizer {type(tokenizer).__name__}: no backend_tokenizer or get_vocab")
     h.update(json.dumps([getattr(tokenizer, "all_special_tokens", None),
                          getattr(tokenizer, "chat_template", None)], default=str).encode())
     return h.hexdigest()

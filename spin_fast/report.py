@@ -16,6 +16,8 @@ import math
 import re
 from pathlib import Path
 
+from .errors import InputError
+
 ITER_DIR = re.compile(r"iter(\d+)")
 PHASES = ("generate", "cache", "train")
 
@@ -28,9 +30,9 @@ def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
     except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise InputError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -46,9 +48,9 @@ def _read_metrics(path: Path) -> list[dict]:
         except ValueError as e:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from None
+            raise InputError(f"{path}:{i + 1}: not valid JSON ({e})") from None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            raise ValueError(f"{path}:{i + 1}: a metrics row is an object with an integer 'step'")
+            raise InputError(f"{path}:{i + 1}: a metrics row is an object with an integer 'step'")
         rows.append(row)
     return rows
 
@@ -56,11 +58,11 @@ def _read_metrics(path: Path) -> list[dict]:
 def load_run(folder: Path) -> dict:
     """{"iterations": [(t, summary, metrics rows)] sorted by t, "sft", "continued": {t: summary}, "demo"}."""
     if not folder.is_dir():
-        raise ValueError(f"run folder {folder} does not exist")
+        raise InputError(f"run folder {folder} does not exist")
     found = [(int(m.group(1)), p) for p in folder.iterdir()
              if (m := ITER_DIR.fullmatch(p.name)) and (p / "summary.json").is_file()]
     if not found:
-        raise ValueError(f"run folder {folder} holds no finished SPIN iteration (no iter{{t}}/summary.json)")
+        raise InputError(f"run folder {folder} holds no finished SPIN iteration (no iter{{t}}/summary.json)")
     iterations = [(t, _read_json(p / "summary.json"), _read_metrics(p / "metrics.jsonl")) for t, p in sorted(found)]
     continued = {t: s for t, _, _ in iterations
                  if (s := _read_json(folder / f"continued_sft{t}" / "summary.json")) is not None}
@@ -88,7 +90,7 @@ def _figure(nrows=1, ncols=1, size=(8, 4.5)):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ValueError("spin_fast.report needs the matplotlib package (pip install matplotlib)") from None
+        raise InputError("spin_fast.report needs the matplotlib package (pip install matplotlib)") from None
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     return fig, fig.subplots(nrows, ncols, squeeze=False)

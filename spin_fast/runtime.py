@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
+
 
 @dataclass
 class Runtime:
@@ -35,10 +37,13 @@ def init_runtime(device: str | None = "auto", *, need_group_on_cuda: bool = Fals
         dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     elif device == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device cuda requested but torch.cuda.is_available() is False")
+            raise InputError("config device: cuda requested but torch.cuda.is_available() is False")
         dev = torch.device(f"cuda:{local}")
     else:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise InputError(f"config device: {device!r} is not a device ({e})") from None
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     distributed = False
@@ -103,14 +108,23 @@ def shutdown(rt: Runtime) -> None:
 
 
 def run_main(main) -> None:
-    """`python -m spin_fast.X` wrapper: bad input (ValueError, whose message names the file/row/key) exits 2
-    without a traceback; after a distributed run, the interpreter's finalisation is skipped."""
+    """`python -m spin_fast.X` wrapper: bad input (InputError, whose message names the file/row/key/argument) and
+    an OSError of the environment (a full disk, a permission, with its path) print one line and exit 2, no
+    traceback; any other exception is a bug of ours and keeps its traceback. Under torchrun every rank that
+    stops prints its line ("error (rank R): ...") and exits at once, without waiting for the others in a
+    collective: the launcher then stops the remaining ranks. After a distributed run, the interpreter's
+    finalisation is skipped."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (InputError, OSError) as e:
+        rank = int(os.environ.get("RANK", "0"))
+        who = f"error (rank {rank})" if world > 1 and rank != 0 else "error"
+        line = " ".join(str(e).split("\n")) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"
+        print(f"{who}: {line}", file=sys.stderr)
+        sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(2) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else sys.exit(2)
+        os._exit(2) if world > 1 else sys.exit(2)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Everything is written and the process group is destroyed. Skip interpreter finalisation: with a
         # `tokenizers` tokenizer loaded, gloo's teardown at exit aborts ("terminate called without an active

@@ -11,15 +11,15 @@ add up to one mean, as in trainer.py. log π comes from kernels.linear_logprobs 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .chat import render_prompt_response
-from .data import BadRow, _check_conversation, _truncate, read_rows
+from .data import render_pair_side
+from .errors import InputError
 from .kernels import linear_logprobs
 from .packing import IGNORE_INDEX
+from .rows import BadRow, SkippedRows, paths_of, read_rows, sft_row
 
 SFT_METRICS = ("loss", "response_tokens")
 
@@ -38,37 +38,27 @@ class SequenceSet:
 
 
 def load_sft_sequences(paths, tokenizer, *, max_length: int, max_prompt_length: int, chat_template=None,
-                       skip_bad_rows: bool = False) -> tuple[SequenceSet, list[str]]:
-    """ultrachat-schema rows (`messages` ending on the assistant answer) -> rendered, truncated sequences
-    (the prompt keeps its end, the response its start, as for pairs). Bad rows: ValueError naming file:row, or
-    skipped and returned with skip_bad_rows."""
-    chunks, lens, plens, locs, bad = [], [], [], [], []
-    for path in ([paths] if isinstance(paths, (str, Path)) else paths):
+                       skip_bad_rows: bool = False) -> tuple[SequenceSet, SkippedRows]:
+    """ultrachat-schema rows (rows.sft_row: `messages` ending on the assistant answer) -> rendered, truncated
+    sequences (the prompt keeps its end, the response its start, as for pairs). Bad rows: BadRow naming file:row,
+    or skipped and counted with skip_bad_rows."""
+    chunks, lens, plens, locs, bad = [], [], [], [], SkippedRows()
+    for path in paths_of(paths):
         for loc, row in read_rows(path):
             try:
-                if not isinstance(row, dict) or row.get("messages") is None:
-                    raise BadRow(f"{loc}: an SFT row needs a 'messages' list ending on the assistant answer")
-                conv = _check_conversation(loc, "messages", row["messages"], end="assistant")
-                if len(conv) < 2:
-                    raise BadRow(f"{loc}: field 'messages' has no prompt turn before the assistant answer")
-                try:
-                    ids, plen = render_prompt_response(tokenizer, conv[:-1], conv[-1]["content"], chat_template)
-                except ValueError as e:
-                    if "no chat template" in str(e):
-                        raise
-                    raise BadRow(f"{loc}: {e}") from None
-                ids, plen, _, _ = _truncate(loc, ids, plen, max_length, max_prompt_length)
+                _, conv = sft_row(loc, row)
+                ids, plen, _, _ = render_pair_side(loc, tokenizer, conv[:-1], conv[-1]["content"], chat_template,
+                                                   max_length, max_prompt_length)
             except BadRow as e:
-                if not skip_bad_rows:
-                    raise
-                bad.append(str(e))
+                bad.add(e, skip_bad_rows)
                 continue
             chunks.append(np.asarray(ids, dtype=np.int32))
             lens.append(len(ids))
             plens.append(plen)
             locs.append(loc)
     if not locs:
-        raise ValueError(f"no usable SFT rows in {paths}" + (f" (first bad row: {bad[0]})" if bad else ""))
+        raise InputError(f"no usable SFT rows in {[str(p) for p in paths_of(paths)]}"
+                         + (f" ({len(bad)} bad rows skipped; first: {bad[0]})" if bad else ""))
     off = np.zeros(len(lens) + 1, dtype=np.int64)
     np.cumsum(lens, out=off[1:])
     return SequenceSet(np.concatenate(chunks), off, np.asarray(plens, dtype=np.int64), locs), bad

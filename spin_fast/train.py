@@ -24,6 +24,8 @@ import torch
 from . import manifest, rundir
 from .config import Config, explicit_keys, load_config, reference_markdown, to_dict
 from .data import load_pairs
+from .errors import InputError
+from .hf_io import load_tokenizer, read_config
 from .phases import train_phase
 from .runtime import init_runtime, on_rank0, run_main, shutdown
 
@@ -50,11 +52,34 @@ def parse_args(argv=None) -> tuple[Config, bool]:
         return cfg, True
     for key, value in (("model.path", cfg.model.path), ("output", cfg.output)):
         if value is None:
-            raise ValueError(f"config {key}: required (e.g. --{key.split('.')[0]} ...)")
+            raise InputError(f"config {key}: required (e.g. --{key.split('.')[0]} ...)")
     if not cfg.data.pairs and not cfg.data.sft:
-        raise ValueError("config data.sft: required for the SPIN loop (--data.sft FILE), or data.pairs for the "
+        raise InputError("config data.sft: required for the SPIN loop (--data.sft FILE), or data.pairs for the "
                          "training phase alone (--pairs FILE)")
+    cfg.check_paths()
+    check_model_context(cfg)
     return cfg, False
+
+
+def check_model_context(cfg: Config) -> None:
+    """Lengths the model cannot hold are refused before anything runs: a sequence is at most data.max_length
+    tokens, a generated one data.max_prompt_length + generate.max_new_tokens (the sampler cuts longer prompts)."""
+    ctx = read_config(cfg.model.path).max_position_embeddings
+    if cfg.data.max_length > ctx:
+        raise InputError(f"config data.max_length: {cfg.data.max_length} > the model's context {ctx} "
+                         f"(max_position_embeddings in {cfg.model.path}/config.json)")
+    if cfg.data.sft and cfg.generate.max_new_tokens >= ctx:
+        raise InputError(f"config generate.max_new_tokens: {cfg.generate.max_new_tokens} must be < the model's "
+                         f"context {ctx} (max_position_embeddings in {cfg.model.path}/config.json)")
+
+
+# keys a mode never reads: set explicitly, they are reported (a recipe may well set them for the other mode)
+IGNORED_BY_MODE = {"pairs": ("loop.", "generate.", "sft."), "loop": ("data.generated", "ref_cache")}
+
+
+def ignored_keys(cfg: Config) -> list[str]:
+    mode = "pairs" if cfg.data.pairs else "loop"
+    return sorted(k for k in explicit_keys(cfg) if k.startswith(IGNORED_BY_MODE[mode]))
 
 
 def training_phase_only(cfg: Config, rt, tokenizer, work: Path) -> dict:
@@ -69,15 +94,15 @@ def training_phase_only(cfg: Config, rt, tokenizer, work: Path) -> dict:
     if rt.is_main:
         for msg in bad[:10]:
             log.warning("skipped: %s", msg)
-        log.info("%d pairs (%d bad rows skipped, %d prompts and %d responses truncated), %d tokens, %.1f s",
-                 pairs.num_pairs, len(bad), pairs.truncated_prompts, pairs.truncated_responses,
+        log.info("%d pairs (%d bad rows skipped %s, %d prompts and %d responses truncated), %d tokens, %.1f s",
+                 pairs.num_pairs, bad.count, dict(bad.by_kind), pairs.truncated_prompts, pairs.truncated_responses,
                  int(pairs.seq_offsets[-1]), data_s)
     summary = train_phase(cfg, rt, model_dir=model_dir, out_dir=work, pairs=pairs, tokenizer=tokenizer,
                           checkpoint_dir=work / "ckpt")
     cache = Path(summary["cache"]["path"])
     if work in cache.parents:                        # where it will be once OUTPUT.tmp is OUTPUT
         summary["cache"]["path"] = str(Path(cfg.output) / cache.relative_to(work))
-    summary.update({"data": {"bad_rows": len(bad), "truncated_prompts": pairs.truncated_prompts,
+    summary.update({"data": {**bad.summary(), "truncated_prompts": pairs.truncated_prompts,
                              "truncated_responses": pairs.truncated_responses, "wall_s": data_s},
                     "config": to_dict(cfg)})
     return summary
@@ -91,6 +116,9 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg.seed)
     if not demo:
         on_rank0(rt, lambda: rundir.check_paths(cfg))
+        if rt.is_main and ignored_keys(cfg):
+            mode = "data.pairs (the training phase alone)" if cfg.data.pairs else "data.sft (the SPIN loop)"
+            log.warning("config keys set but ignored with %s: %s", mode, ", ".join(ignored_keys(cfg)))
     if cfg.data.pairs and (done := on_rank0(rt, lambda: rundir.finished_pairs_run(cfg))) is not None:
         if rt.is_main:
             log.info("%s is a finished run already: nothing to resume", cfg.output)
@@ -99,12 +127,11 @@ def main(argv=None) -> dict:
     lock = rundir.lock(cfg)
     on_rank0(rt, lock.acquire)                       # one run per output folder
     try:
-        from transformers import AutoTokenizer
         evaluate = None
         if demo:
             from .demo_run import prepare_demo
             cfg, evaluate = prepare_demo(cfg, rt)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+        tokenizer = load_tokenizer(cfg.model.path)
         work = rundir.folder(cfg)
         on_rank0(rt, lambda: manifest.check_and_write(work, cfg, tokenizer, rt.world))
         if cfg.data.pairs:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import InputError
 from .integrity import dumps
 from .kernels import spin_loss_from_hidden
 from .packing import check_token_range, collate, pair_token_counts, plan_micro_batches, to_torch
@@ -109,18 +110,18 @@ def plan_steps(unit_tokens, *, tokens_per_step: int, micro_batch_tokens: int, wo
     pair_tokens = np.asarray(unit_tokens, dtype=np.int64)                     # (U,)
     num_pairs = len(pair_tokens)
     if num_pairs < world_size:
-        raise ValueError(f"{num_pairs} training pairs cannot be spread over {world_size} ranks (each rank needs one)")
+        raise InputError(f"{num_pairs} training pairs cannot be spread over {world_size} ranks (each rank needs one)")
     longest = int(pair_tokens.max())
     if longest > micro_batch_tokens:
         p = int(pair_tokens.argmax())
-        raise ValueError(f"pair {p} has {longest} tokens, more than train.micro_batch_tokens={micro_batch_tokens}")
+        raise InputError(f"pair {p} has {longest} tokens, more than train.micro_batch_tokens={micro_batch_tokens}")
     plans = []
     for epoch in range(epochs):
         order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
         groups = _group_steps(order, pair_tokens, tokens_per_step, world_size)
         dropped = _make_dealable(groups, pair_tokens, micro_batch_tokens, world_size)
         if not groups:
-            raise ValueError(f"{num_pairs} pairs cannot be dealt evenly over {world_size} ranks in micro-batches of "
+            raise InputError(f"{num_pairs} pairs cannot be dealt evenly over {world_size} ranks in micro-batches of "
                              f"{micro_batch_tokens} tokens: use fewer ranks, more pairs or larger micro-batches")
         for step in groups:
             ids = np.asarray(step, dtype=np.int64)
@@ -201,7 +202,7 @@ def prepare_model(model, cfg, *, distributed: bool, compute_dtype: torch.dtype):
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)
     elif compute_dtype != next(model.parameters()).dtype:
-        raise ValueError("mixed precision without FSDP is not supported: launch with torchrun (even for 1 process) "
+        raise InputError("mixed precision without FSDP is not supported: launch with torchrun (even for 1 process) "
                          "or set model.mixed_precision=float32")
     return model
 
@@ -227,7 +228,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ValueError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") \
+                raise InputError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") \
                     from None
             self.tb = SummaryWriter(str(tensorboard_dir))
 

@@ -2,6 +2,7 @@
 the reference table, and the `python -m spin_fast.train` front end (parse_args, --help-config, exit code 2)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -93,8 +94,11 @@ def test_every_alias_targets_a_real_key():
     (["--train.max-steps", "-1"], "train.max_steps", -1),   # dashes in dotted keys; a negative value is a value
     (["--train.max_steps", "7"], "train.max_steps", 7),
     (["--pairs", "a.jsonl"], "data.pairs", ["a.jsonl"]),
-    (["--data.pairs=a,b"], "data.pairs", ["a", "b"]),
-    (["--data.pairs", "a.jsonl,b.parquet"], "data.pairs", ["a.jsonl", "b.parquet"]),
+    (["--data.pairs=a,b"], "data.pairs", ["a,b"]),                        # a comma is part of a path
+    (["--data.pairs", "a.jsonl,b.parquet"], "data.pairs", ["a.jsonl,b.parquet"]),
+    (["--data.pairs", "a.jsonl", "b.parquet", "--lr", "1e-6"], "data.pairs", ["a.jsonl", "b.parquet"]),
+    (["--pairs", "a", "--lr", "1e-6", "--pairs=b"], "data.pairs", ["a", "b"]),   # a repeated flag adds
+    (["--data.sft=", "--lr", "1e-6"], "data.sft", []),
     (["--train.adam_betas=0.9,0.95"], "train.adam_betas", [0.9, 0.95]),
     (["--train.activation_checkpointing"], "train.activation_checkpointing", True),
     (["--train.activation_checkpointing", "--lr", "1e-6"], "train.activation_checkpointing", True),
@@ -349,12 +353,19 @@ def test_reference_markdown_rows_have_four_cells():
 
 # --- the entry point ------------------------------------------------------------------------------------------------
 
+LLAMA = {"model_type": "llama", "vocab_size": 64, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "max_position_embeddings": 4096}
+
+
 def test_parse_args_in_process(model_dir, write_yaml, tmp_path):
     from spin_fast.train import parse_args
+    (model_dir / "config.json").write_text(json.dumps(LLAMA))
     p = write_yaml("train:\n  beta: 0.3\n  lr: 1.0e-6\n")
-    cfg, demo = parse_args(["--model", str(model_dir), "--output", str(tmp_path / "out"), "--pairs", "a.jsonl",
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    cfg, demo = parse_args(["--model", str(model_dir), "--output", str(tmp_path / "out"), "--pairs",
+                            str(tmp_path / "a.jsonl"),
                             "--config", str(p), "--train.max_steps", "-1", "--lr", "2e-6", "--max-length=2048"])
-    assert not demo and cfg.model.path == str(model_dir) and cfg.data.pairs == ["a.jsonl"]
+    assert not demo and cfg.model.path == str(model_dir) and cfg.data.pairs == [str(tmp_path / "a.jsonl")]
     assert (cfg.train.beta, cfg.train.lr, cfg.train.max_steps, cfg.data.max_length) == (0.3, 2e-6, -1, 2048)
 
 

@@ -68,7 +68,7 @@ def test_json_and_parquet_match_jsonl(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
     c = load_pairs(tmp_path / "c.parquet", TOK)[0]
     assert arrays(a) == arrays(c)
-    assert c.locs == [f"{tmp_path / 'c.parquet'}:{i}" for i in range(3)]
+    assert c.locs == [f"{tmp_path / 'c.parquet'}:{i}" for i in range(1, 4)]          # 1-based rows
 
 
 U, A = "user", "assistant"

@@ -82,9 +82,9 @@ def test_resume_refuses_output_of_other_data(tmp_path):
 
 
 @pytest.mark.parametrize("bad, needle", [
-    ({"prompt": "   "}, "empty prompt"),
-    ({"messages": [{"role": "assistant", "content": "hi"}]}, "no user turn"),
-    ({"messages": [{"role": "user"}]}, r"messages\[0\]"),
+    ({"prompt": "   "}, "'prompt' is empty"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "where 'user' was expected"),
+    ({"messages": [{"role": "user"}]}, r"messages\[0\] has no 'content'"),
     ({"text": "no prompt"}, "needs a 'messages' list or a 'prompt' string"),
 ])
 def test_bad_row_named_or_skipped(tmp_path, bad, needle):

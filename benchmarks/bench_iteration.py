@@ -67,9 +67,9 @@ def seed_generate(a) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(a.model)
+    tok = AutoTokenizer.from_pretrained(a.model, trust_remote_code=False)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, trust_remote_code=False).eval()
     eos = {model.config.eos_token_id} if isinstance(model.config.eos_token_id, int) else set(model.config.eos_token_id)
     eos |= {tok.eos_token_id} if tok.eos_token_id is not None else set()
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos)

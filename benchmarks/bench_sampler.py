@@ -64,8 +64,9 @@ def smollm2_folder(cache: Path = SMOLLM2_CACHE) -> tuple[Path | None, str]:
     tmp = cache.with_name(cache.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        m = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        m = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                                 trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF, trust_remote_code=False)
         del m.config.quantization_config   # save_pretrained refuses a GGUF-loaded model otherwise
         m.hf_quantizer = None
         m.save_pretrained(tmp)
@@ -114,7 +115,7 @@ def sft_prompts(model_dir: Path, n: int, length: int) -> torch.Tensor:
     import json
     from transformers import AutoTokenizer
     from spin_fast.chat import render_prompt
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     rows = []
     with open(STORIES.parents[1] / "sft" / "sft_ultrachat_schema-00001.jsonl") as f:
         for line in f:
@@ -130,7 +131,7 @@ def sft_prompts(model_dir: Path, n: int, length: int) -> torch.Tensor:
 def model_eos(model_dir: Path, model) -> list[int]:
     from transformers import AutoTokenizer
     eos = set(model.config.eos_token_ids)
-    tid = AutoTokenizer.from_pretrained(model_dir).eos_token_id
+    tid = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False).eos_token_id
     return sorted(eos | ({tid} if tid is not None else set()))
 
 
@@ -285,7 +286,7 @@ def main(argv=None):
                     real.append(folder)
             for folder in real:  # real checkpoints: real prompts, real EOS
                 from transformers import AutoModelForCausalLM
-                hf_r = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+                hf_r = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
                 ours_r = load_model(folder)
                 sp = sft_prompts(folder, args.n_prompts, args.prompt_len)
                 for b in batches:

@@ -40,7 +40,7 @@ TRAIN_ARGS = dict(beta=0.1, lr=5e-7, max_length=1024, max_prompt_length=512, bat
 def build_model(folder: Path, tokenizer_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
@@ -68,7 +68,8 @@ def count_tokens(model: Path, pairs: Path) -> tuple[int, int]:
     from transformers import AutoTokenizer
 
     from spin_fast.data import load_pairs
-    p, _ = load_pairs(pairs, AutoTokenizer.from_pretrained(model), max_length=TRAIN_ARGS["max_length"],
+    tok = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+    p, _ = load_pairs(pairs, tok, max_length=TRAIN_ARGS["max_length"],
                       max_prompt_length=TRAIN_ARGS["max_prompt_length"])
     return int(p.seq_offsets[-1]), p.num_pairs
 

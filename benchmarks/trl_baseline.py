@@ -91,8 +91,8 @@ def main(argv=None) -> dict:
 
     rows = [json.loads(line) for line in open(args.pairs, encoding="utf-8") if line.strip()]
     train_dataset = datasets.Dataset.from_list(rows)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, trust_remote_code=False)
     out_dir = tempfile.mkdtemp(prefix="trl_baseline-")
     config = trl.DPOConfig(
         output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, seed=args.seed,

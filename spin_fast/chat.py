@@ -3,10 +3,13 @@
 Both sides must see the same prompt tokens, or the opponent's samples are conditioned on a prompt the
 trainer never scores. So: render to text with the tokenizer's (or a given) Jinja chat template, then
 tokenize that text with add_special_tokens=False (the template itself writes BOS and turn markers).
+Templates run in template.py's sandbox with a time and size limit (they are code from the model folder);
+the text is what `tokenizer.apply_chat_template(..., tokenize=False)` renders.
 """
 from __future__ import annotations
 
 from .errors import InputError
+from .template import TemplateLimitError, render
 
 
 class RenderError(ValueError):
@@ -16,7 +19,9 @@ class RenderError(ValueError):
 
 def _template(tokenizer, chat_template: str | None) -> str:
     tpl = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
-    if not tpl:
+    if isinstance(tpl, dict):                         # named templates: the default one
+        tpl = tpl.get("default")
+    if not tpl or not isinstance(tpl, str):
         name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
         raise InputError(f"tokenizer {name!r} has no chat template: pass one (--chat-template STR / "
                          f"chat_template=...), e.g. \"{{% for m in messages %}}{{{{ m['role'] }}}}: "
@@ -26,11 +31,16 @@ def _template(tokenizer, chat_template: str | None) -> str:
 
 def render_text(tokenizer, messages: list[dict], chat_template: str | None = None,
                 add_generation_prompt: bool = True) -> str:
+    """The template's text for `messages`, with the variables transformers passes: the special tokens
+    (bos_token, eos_token, ...), messages, tools / documents (None) and add_generation_prompt."""
     template = _template(tokenizer, chat_template)
+    tokens = {k: v for k, v in (getattr(tokenizer, "special_tokens_map", None) or {}).items() if isinstance(v, str)}
     try:
-        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # jinja2 TemplateError / raise_exception() in the template, e.g. role order
+        return render(template, **tokens, messages=[dict(m) for m in messages], tools=None, documents=None,
+                      add_generation_prompt=add_generation_prompt)
+    except TemplateLimitError:
+        raise
+    except Exception as e:  # jinja2 TemplateError / SecurityError / raise_exception() in the template, e.g. role order
         raise RenderError(f"chat template failed on these messages: {type(e).__name__}: {e}") from None
 
 

@@ -110,7 +110,7 @@ def pair_from_row(loc: str, row) -> tuple[str, list[dict], str, str | None]:
     else:
         raise BadRow(loc, f"row needs 'messages', 'real' + 'generated', or 'prompt' + 'chosen' + 'rejected'; "
                           f"has fields {sorted(map(str, row))[:8]}", "missing_field")
-    return prompt_id_of(loc, row, prompt), prompt, chosen, rejected
+    return prompt_id_of(row, prompt), prompt, chosen, rejected
 
 
 def read_generated(paths) -> dict[str, list[tuple[list[dict], str]]]:

@@ -144,11 +144,18 @@ def run(args, rt) -> dict:
     tokenizer = load_tokenizer(model_dir)
     rows, bad = load_prompts(args.data, skip_bad_rows=args.skip_bad_rows)
     n_rows = len(rows) + len(bad)
-    done = read_done(out_path) if rank == 0 else {}
-    if world > 1:  # every rank must agree on what is left; rank 0 read the file
-        box = [done]
+    done, error = {}, None
+    if rank == 0:
+        try:
+            done = read_done(out_path)
+        except InputError as e:
+            error = str(e)
+    if world > 1:  # every rank must agree on what is left (rank 0 read the file) and stop alike on a bad one
+        box = [done, error]
         torch.distributed.broadcast_object_list(box, src=0)
-        done = box[0]
+        done, error = box
+    if error:
+        raise InputError(error)
     for r in rows:
         if r.index in done and done[r.index] != r.prompt_id:
             raise InputError(f"{out_path}: row index {r.index} has prompt_id {done[r.index]!r} but {r.loc} has "

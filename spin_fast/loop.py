@@ -160,6 +160,9 @@ def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
             heldout, held_bad = load_pairs(held_file, tokenizer, generated=work / "generated_heldout.jsonl",
                                            **data_opts)
             bad.extend_from(held_bad)
+        if rt.is_main:
+            for msg in bad[:10]:                   # (the split's own skipped rows were reported by split_sft)
+                log.warning("skipped: %s", msg)
         bad.extend_from(split_bad)
         # 3. reference cache + training -> iter{t}.tmp
         s = train_phase(cfg, rt, model_dir=opponent, out_dir=tmp, pairs=pairs, tokenizer=tokenizer,

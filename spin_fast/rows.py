@@ -231,12 +231,20 @@ def check_text(loc: str, row, escaped_bytes: bool = False) -> None:
 
 
 def check_object(loc: str, row) -> dict:
-    """The common start of every rule: a row that failed to parse, is not an object or has bad text raises."""
+    """The common start of every rule: a row that failed to parse, is not an object, has bad text or a bad
+    `prompt_id` raises (in this order, so every reader names the same first problem)."""
     if isinstance(row, BadRow):
         raise row
     if not isinstance(row, dict):
         raise BadRow(loc, f"row must be an object ({{...}}), got {type(row).__name__}", "not_an_object")
     check_text(loc, row)
+    pid = row.get("prompt_id")
+    if pid is not None:
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise BadRow(loc, f"field 'prompt_id' must be a string or an integer, got {type(pid).__name__}",
+                         "wrong_type")
+        if isinstance(pid, str) and not pid.strip():
+            raise BadRow(loc, "field 'prompt_id' is empty", "empty_text")
     return row
 
 
@@ -278,15 +286,11 @@ def check_conversation(loc: str, field: str, messages, *, end: str | None) -> li
     return out
 
 
-def prompt_id_of(loc: str, row: dict, prompt: list[dict]) -> str:
-    """The row's `prompt_id` (a string or an integer), or the sha256 of the last prompt turn's text."""
+def prompt_id_of(row: dict, prompt: list[dict]) -> str:
+    """The row's `prompt_id` (checked by check_object), or the sha256 of the last prompt turn's text."""
     pid = row.get("prompt_id")
     if pid is None:
         return hashlib.sha256(prompt[-1]["content"].encode("utf-8")).hexdigest()
-    if isinstance(pid, bool) or not isinstance(pid, (str, int)):
-        raise BadRow(loc, f"field 'prompt_id' must be a string or an integer, got {type(pid).__name__}", "wrong_type")
-    if isinstance(pid, str) and not pid.strip():
-        raise BadRow(loc, "field 'prompt_id' is empty", "empty_text")
     return str(pid)
 
 
@@ -297,7 +301,7 @@ def sft_row(loc: str, row) -> tuple[str, list[dict]]:
         raise BadRow(loc, f"row needs a 'messages' list ending on the assistant answer; has fields "
                           f"{sorted(map(str, row))[:8]}", "missing_field")
     conv = check_conversation(loc, "messages", row["messages"], end="assistant")
-    return prompt_id_of(loc, row, conv[:-1]), conv
+    return prompt_id_of(row, conv[:-1]), conv
 
 
 @dataclass
@@ -325,7 +329,7 @@ def prompt_row(loc: str, index: int, row) -> PromptRow:
     else:
         raise BadRow(loc, f"row needs a 'messages' list or a 'prompt' string; has fields {sorted(map(str, row))[:8]}",
                      "missing_field")
-    return PromptRow(index=index, loc=loc, prompt_id=prompt_id_of(loc, row, messages),
+    return PromptRow(index=index, loc=loc, prompt_id=prompt_id_of(row, messages),
                      prompt=messages[-1]["content"], messages=messages)
 
 

@@ -112,16 +112,24 @@ def run_main(main) -> None:
     an OSError of the environment (a full disk, a permission, with its path) print one line and exit 2, no
     traceback; any other exception is a bug of ours and keeps its traceback. Under torchrun every rank that
     stops prints its line ("error (rank R): ...") and exits at once, without waiting for the others in a
-    collective: the launcher then stops the remaining ranks. After a distributed run, the interpreter's
-    finalisation is skipped."""
+    collective: the launcher then stops the remaining ranks (checks that only rank 0 makes are broadcast first, so
+    every rank stops with the same line; a rank whose collective broke because a peer exited says so in one line).
+    After a distributed run, the interpreter's finalisation is skipped."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         main()
-    except (InputError, OSError) as e:
+    except Exception as e:
+        if isinstance(e, InputError):
+            line = " ".join(str(e).split("\n"))
+        elif isinstance(e, OSError):
+            line = f"{type(e).__name__}: {e}"
+        elif world > 1 and _peer_stopped(e):
+            # this rank waited in a collective for a rank that stopped (which printed why): no traceback here
+            line = f"stopped: another rank stopped ({str(e).splitlines()[0][:160]})"
+        else:
+            raise                                             # a bug of ours: the traceback is the report
         rank = int(os.environ.get("RANK", "0"))
-        who = f"error (rank {rank})" if world > 1 and rank != 0 else "error"
-        line = " ".join(str(e).split("\n")) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"
-        print(f"{who}: {line}", file=sys.stderr)
+        print(f"{f'error (rank {rank})' if world > 1 and rank != 0 else 'error'}: {line}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(2) if world > 1 else sys.exit(2)
@@ -133,6 +141,14 @@ def run_main(main) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _peer_stopped(e: BaseException) -> bool:
+    """A collective failed because another rank's process went away (its connection dropped), as opposed to an
+    error of this rank's own. (A dead peer under NCCL leaves the others waiting; torchrun stops them.)"""
+    import torch.distributed as dist
+    return isinstance(e, getattr(dist, "DistNetworkError", ())) or (isinstance(e, RuntimeError) and any(
+        k in str(e) for k in ("Connection reset by peer", "Connection closed by peer")))
 
 
 def fault_point(phase: str, count: int) -> None:

@@ -213,18 +213,24 @@ def test_subprocess_exit_2_one_line(model, tmp_path, files):
 
 @pytest.mark.slow
 def test_torchrun_every_rank_stops(model, tmp_path, files):
-    """Under torchrun (2 CPU ranks) a bad row stops every rank with its one line, within seconds, and no traceback
-    comes from our code (torchrun's launcher prints its own failure report)."""
+    """Under torchrun (2 CPU ranks) bad input stops every rank with its one line and no traceback from our code
+    (torchrun's launcher prints its own failure report): a bad row every rank reads (train), and an output file only
+    rank 0 reads (generate: rank 0 broadcasts the verdict)."""
     bad = files("b.jsonl", [GOOD_ROW] * 4 + [{"messages": [{"role": "user", "content": "q"}]}])
+    foreign = files("foreign.jsonl", "not a generated row\n")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "spin_fast.train", *train_args(model, tmp_path, "--data.sft", str(bad), "--loop.heldout", "1")]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    err = res.stderr
-    assert res.returncode != 0
-    ours = [ln for ln in err.splitlines() if ln.startswith("error")]
-    assert sorted(ours) == sorted([f"error: {bad}:5: field 'messages' must end with an assistant turn (the "
-                                   f"answer), ends with 'user'",
-                                   f"error (rank 1): {bad}:5: field 'messages' must end with an assistant turn "
-                                   f"(the answer), ends with 'user'"]), err
-    assert "spin_fast/" not in "".join(ln for ln in err.splitlines() if ln.strip().startswith("File ")), err
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    runs = {"train": launch + ["spin_fast.train", *train_args(model, tmp_path, "--data.sft", str(bad),
+                                                              "--loop.heldout", "1")],
+            "generate": launch + ["spin_fast.generate", *gen_args(model, files("d.jsonl", [GOOD_ROW] * 2), foreign)]}
+    procs = {k: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, cmd in runs.items()}
+    want = {"train": f"{bad}:5: field 'messages' must end with an assistant turn (the answer), ends with 'user'",
+            "generate": f"{foreign}:1: not a row written by spin_fast.generate"}
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        assert p.returncode != 0
+        ours = [ln for ln in err.splitlines() if ln.startswith("error")]
+        assert len(ours) == 2 and {ln.split(": ", 1)[0] for ln in ours} == {"error", "error (rank 1)"}, err
+        assert all(ln.split(": ", 1)[1].startswith(want[name]) for ln in ours), err
+        assert "spin_fast/" not in "".join(ln for ln in err.splitlines() if ln.strip().startswith("File ")), err

@@ -215,8 +215,8 @@ class Config:
         for key in ("data.sft", "data.pairs", "data.generated"):
             for i, path in enumerate(getattr(self.data, key.split(".")[1])):
                 if not Path(path).exists():
-                    hint = " (paths are not split at commas: pass several as --KEY a.jsonl b.jsonl)".replace(
-                        "KEY", key) if "," in path else ""
+                    hint = f" (paths are not split at commas: pass several as --{key} a.jsonl b.jsonl)" \
+                        if "," in path else ""
                     raise InputError(f"config {key}[{i}]: no such file or folder {path!r}{hint}")
         return self
 
@@ -253,10 +253,12 @@ def _coerce(key: str, tp, value, *, from_cli: bool):
         return _coerce(key, inner, value, from_cli=from_cli)
     if origin is list:
         (inner,) = args
-        if from_cli and isinstance(value, str):
-            # numbers split at commas (--train.adam_betas=0.9,0.95); strings are paths, which may hold a comma:
-            # several are several values (--data.sft a.jsonl b.jsonl) or a repeated flag
-            value = [v for v in value.split(",") if v != ""] if inner is not str else [value]
+        if inner is str and isinstance(value, str):
+            # strings are paths, which may hold a comma: one string is one path (YAML `sft: a.jsonl` too);
+            # several are several values (--data.sft a.jsonl b.jsonl), a repeated flag or a YAML list
+            value = [value]
+        elif from_cli and isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]          # numbers: --train.adam_betas=0.9,0.95
         if not isinstance(value, (list, tuple)):
             raise InputError(f"config {key}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(f"{key}[{i}]", inner, v, from_cli=from_cli) for i, v in enumerate(value)]

@@ -165,7 +165,7 @@ def run(args, rt) -> dict:
     model = load_model(model_dir, device=device, dtype=dtype, attn_backend=args.attn_backend)
     ctx = model.config.max_position_embeddings
     if args.max_new_tokens >= ctx:
-        raise InputError(f"--max-new-tokens {args.max_new_tokens} must be < the model context {ctx}")
+        raise InputError(f"--max-new-tokens: {args.max_new_tokens} must be < the model context {ctx}")
     # room for max_new_tokens after every prompt, so "length" means max_new_tokens, not a full context
     limit = min(args.max_prompt_length, ctx - args.max_new_tokens)
     prompts, kept, truncated = [], [], 0

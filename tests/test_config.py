@@ -228,8 +228,7 @@ def test_yaml_unknown_key_names_file_key_and_suggestion(write_yaml):
     ("train:\n  epochs: true\n", "train.epochs", "expected an integer"),
     ('train:\n  compile: "yes"\n', "train.compile", "expected true/false"),  # YAML has real booleans
     ("train:\n  compile: 1\n", "train.compile", "expected true/false"),
-    ("data:\n  pairs: a.jsonl\n", "data.pairs", "expected a list"),
-    ('data:\n  pairs: "a.jsonl,b.jsonl"\n', "data.pairs", "expected a list"),  # no CLI comma splitting in YAML
+    ("data:\n  pairs: 5\n", "data.pairs", "expected a list"),        # (a string is one path: test_user_errors)
     ("data:\n  pairs: [a.jsonl, 3]\n", "data.pairs[1]", "expected a string"),
     ("train:\n  adam_betas: 0.9\n", "train.adam_betas", "expected a list"),
     ("output: 5\n", "output", "expected a string"),

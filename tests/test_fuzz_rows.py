@@ -146,7 +146,7 @@ line = st.one_of(row.map(lambda r: json.dumps(r, ensure_ascii=False).encode("utf
                  st.binary(min_size=1, max_size=40).map(lambda b: b.replace(b"\n", b" ") + b"}"))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(line=line)
 def test_random_rows(line):
     folder = Path(tempfile.mkdtemp())

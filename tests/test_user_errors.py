@@ -91,6 +91,13 @@ def test_duplicated_yaml_key_is_refused_with_its_line(tmp_path):
         load_config(p)
 
 
+def test_a_yaml_string_is_one_path(tmp_path):
+    p = tmp_path / "cfg.yaml"
+    p.write_text("data:\n  sft: data/a,b.jsonl\n  pairs: [x.jsonl, y.jsonl]\n")
+    cfg = load_config(p, ["--data.pairs=", "--lr", "1e-6"])
+    assert cfg.data.sft == ["data/a,b.jsonl"] and cfg.data.pairs == []
+
+
 def test_a_path_with_a_comma_is_one_path(model, tmp_path, files):
     f = files("a,b.jsonl", [GOOD_ROW] * 3)
     cfg, _ = parse_args(train_args(model, tmp_path, "--data.sft", str(f)))
@@ -195,21 +202,7 @@ def test_generate_skips_undecodable_rows_and_counts_them(model, tmp_path, files,
     assert summary["bad_rows"] == 2 and summary["bad_rows_by_kind"] == {"encoding": 1, "invalid_json": 1}
 
 
-# --- real processes: python -m and torchrun ----------------------------------------------------------------------------
-
-def test_subprocess_exit_2_one_line(model, tmp_path, files):
-    """The real `python -m` entry points (interpreter start, imports) stop the same way."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    empty = files("e.jsonl", "")
-    runs = [subprocess.Popen([sys.executable, "-m", mod, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-            for mod, argv in (("spin_fast.generate", gen_args(model, empty, tmp_path / "o.jsonl")),
-                              ("spin_fast.train", train_args(model, tmp_path, "--data.sft", str(empty))))]
-    for p in runs:
-        _, err = p.communicate(timeout=180)
-        one_line_error(p.returncode, err, f"{empty}: holds no rows")
-
+# --- real processes under torchrun (python -m alone: test_config's CLI runs) -------------------------------------------
 
 @pytest.mark.slow
 def test_torchrun_every_rank_stops(model, tmp_path, files):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .errors import InputError
 from .integrity import write_json
 
 
@@ -83,12 +84,12 @@ def latest(folder: Path) -> Path | None:
 
 def load(path: Path, model, optimizer, scheduler, plan: str) -> int:
     """Restore model, optimizer, scheduler and RNG in place; returns the number of finished steps.
-    ValueError if the checkpoint was written for another step plan (other data, seed or budgets)."""
+    InputError if the checkpoint was written for another step plan (other data, seed or budgets)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
     meta = json.loads((Path(path) / "meta.json").read_text())
     if meta["plan"] != plan:
-        raise ValueError(f"{path}: checkpoint belongs to another step plan (data, seed, epochs or token budgets "
+        raise InputError(f"{path}: checkpoint belongs to another step plan (data, seed, epochs or token budgets "
                          f"changed); delete it or restore the settings to resume")
     state = _state(model, optimizer)
     dcp.load(state, checkpoint_id=str(path))

@@ -119,7 +119,7 @@ def main(argv=None):
     args = parse_args(argv)
     rt = init_runtime(args.device)
     if Path(args.output).resolve() == Path(args.data).resolve():
-        raise ValueError(f"--output {args.output} is the --data file: appending to it would corrupt the input; "
+        raise InputError(f"--output {args.output} is the --data file: appending to it would corrupt the input; "
                          f"choose another --output")
     lock = OutputLock(Path(args.output).with_name(Path(args.output).name + ".lock"))
     on_rank0(rt, lock.acquire)                       # one writer per output file

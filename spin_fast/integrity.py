@@ -21,6 +21,8 @@ import socket
 import time
 from pathlib import Path
 
+from .errors import InputError
+
 log = logging.getLogger("spin_fast.integrity")
 CHECKSUMS = "checksums.json"
 
@@ -84,13 +86,13 @@ def write_checksums(folder) -> None:
 
 
 def verify_checksums(folder, *, fix: str) -> None:
-    """ValueError naming the first file of `folder` that is missing, extra or differs from its checksums.json
+    """InputError naming the first file of `folder` that is missing, extra or differs from its checksums.json
     (absent: an error too, the folder was not published by us). fix: what the message tells the user to do."""
     folder = Path(folder)
     try:
         sums = json.loads((folder / CHECKSUMS).read_text())["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{folder / CHECKSUMS}: missing or unreadable ({type(e).__name__}), so {folder} cannot be "
+        raise InputError(f"{folder / CHECKSUMS}: missing or unreadable ({type(e).__name__}), so {folder} cannot be "
                          f"verified; {fix}") from None
     present = {p.relative_to(folder).as_posix() for p in _files(folder)}
     for name in sorted(set(sums) | present):
@@ -103,7 +105,7 @@ def verify_checksums(folder, *, fix: str) -> None:
             problem = f"differs from the sha256 in {CHECKSUMS} (changed or damaged after it was written)"
         else:
             continue
-        raise ValueError(f"{path}: {problem}; {fix}")
+        raise InputError(f"{path}: {problem}; {fix}")
 
 
 # --- the single-writer lock -----------------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ class OutputLock:
                     continue                            # released, or being written right now: look again
                 pid = holder.get("pid")
                 if isinstance(pid, int) and (holder.get("host") != me["host"] or _alive(pid, holder.get("start"))):
-                    raise ValueError(
+                    raise InputError(
                         f"{self.path.parent} is in use by another run (pid {pid} on {holder.get('host')}, "
                         f"since {holder.get('since')}): wait for it to end, or delete {self.path} if it is gone")
                 stale = self.path.with_name(f"{self.path.name}.stale{os.getpid()}")
@@ -170,7 +172,7 @@ class OutputLock:
                 f.write(json.dumps(me) + "\n")
             self.held = True
             return
-        raise ValueError(f"{self.path}: could not take the lock (other runs keep creating it)")
+        raise InputError(f"{self.path}: could not take the lock (other runs keep creating it)")
 
     def _holder(self) -> dict | None:
         """The lock's content; None if it vanished or is too fresh to judge; {"pid": None} if it is unreadable

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import Config, all_keys, to_dict
+from .errors import InputError
 from .integrity import file_sha256, write_json
 
 NAME = "manifest.json"
@@ -46,7 +47,7 @@ def path_fingerprint(path) -> str:
     if path.is_file():
         return file_sha256(path)
     if not path.is_dir():
-        raise ValueError(f"{path}: does not exist")
+        raise InputError(f"{path}: does not exist")
     h = hashlib.sha256(b"spin_fast.folder-files/1\n")
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
         h.update(f"{p.relative_to(path).as_posix()} {file_sha256(p)}\n".encode())
@@ -99,7 +100,7 @@ def _show(value) -> str:
 
 
 def check_and_write(folder, cfg: Config, tokenizer, world_size: int) -> dict:
-    """At the start of a run (rank 0): refuse a used folder without --resume, compare on --resume (ValueError at
+    """At the start of a run (rank 0): refuse a used folder without --resume, compare on --resume (InputError at
     the first differing key, unless --resume-force), then write the manifest. Returns it."""
     folder = Path(folder)
     path = folder / NAME
@@ -108,25 +109,25 @@ def check_and_write(folder, cfg: Config, tokenizer, world_size: int) -> dict:
     event = {"event": "start", "time": now, "world_size": world_size, "code_version": new["code_version"]}
     if path.is_file():
         if not cfg.resume:
-            raise ValueError(f"{folder} already holds a run ({NAME}): pass --resume to continue it, or choose a new "
+            raise InputError(f"{folder} already holds a run ({NAME}): pass --resume to continue it, or choose a new "
                              f"--output")
         try:
             old = json.loads(path.read_text())
             history = list(old["history"])
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e}); restore it, or choose a new --output") \
+            raise InputError(f"{path}: unreadable ({type(e).__name__}: {e}); restore it, or choose a new --output") \
                 from None
         diffs = differences(old, new)
         if diffs and not cfg.resume_force:
             key, was, now_ = diffs[0]
             more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
-            raise ValueError(f"--resume: {key} differs from the run in {folder} ({_show(was)} there, {_show(now_)} "
+            raise InputError(f"--resume: {key} differs from the run in {folder} ({_show(was)} there, {_show(now_)} "
                              f"now){more}: resuming would mix two setups in one run; restore it, choose a new "
                              f"--output, or pass --resume-force to continue anyway (recorded in {NAME})")
         event["event"] = "resume-force" if diffs else "resume"
         event["changed"] = {k: [was, now_] for k, was, now_ in diffs}
     elif cfg.resume and any(folder.glob("iter*")) and not cfg.resume_force:
-        raise ValueError(f"--resume: {folder} has no {NAME} (written by an older version, or not a spin_fast run): "
+        raise InputError(f"--resume: {folder} has no {NAME} (written by an older version, or not a spin_fast run): "
                          f"its setup cannot be checked; pass --resume-force to continue it anyway")
     else:
         history = []

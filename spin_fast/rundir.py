@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from .config import Config
+from .errors import InputError
 from .integrity import OutputLock, write_checksums, write_json
 
 LOCK = ".lock"
@@ -24,17 +25,17 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_paths(cfg: Config) -> None:
-    """ValueError if the output is the starting model's folder or inside it, or is one of the data paths."""
+    """InputError if the output is the starting model's folder or inside it, or is one of the data paths."""
     out = Path(cfg.output).resolve()
     model = Path(cfg.model.path).resolve()
     if _inside(out, model):
-        raise ValueError(f"output {cfg.output} is {'the' if out == model else 'inside the'} model folder "
+        raise InputError(f"output {cfg.output} is {'the' if out == model else 'inside the'} model folder "
                          f"{cfg.model.path}: the run would overwrite its own starting model; choose another --output")
     for key in ("data.sft", "data.pairs", "data.generated"):
         section, name = key.split(".")
         for p in getattr(getattr(cfg, section), name):
             if Path(p).resolve() == out:
-                raise ValueError(f"output {cfg.output} is the {key} input {p}: choose another --output")
+                raise InputError(f"output {cfg.output} is the {key} input {p}: choose another --output")
 
 
 def folder(cfg: Config) -> Path:
@@ -49,15 +50,15 @@ def lock(cfg: Config) -> OutputLock:
 
 def finished_pairs_run(cfg: Config) -> dict | None:
     """--pairs into an OUTPUT that exists: its summary when it is a finished run and --resume was given (nothing
-    is left to do); ValueError otherwise. None when OUTPUT does not exist yet (or is an empty folder)."""
+    is left to do); InputError otherwise. None when OUTPUT does not exist yet (or is an empty folder)."""
     out = Path(cfg.output)
     if (out / "summary.json").is_file():
         if not cfg.resume:
-            raise ValueError(f"output {out} already holds a finished training run (summary.json): choose a new "
+            raise InputError(f"output {out} already holds a finished training run (summary.json): choose a new "
                              f"--output")
         return json.loads((out / "summary.json").read_text())
     if out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"output {out} exists and is not a finished run (no summary.json): choose a new --output, "
+        raise InputError(f"output {out} exists and is not a finished run (no summary.json): choose a new --output, "
                          f"or empty it")
     return None
 

@@ -64,13 +64,13 @@ def init_runtime(device: str | None = "auto", *, need_group_on_cuda: bool = Fals
 
 
 def on_rank0(rt: Runtime, fn):
-    """fn() on rank 0 alone (it looks at or writes the output folder); its result, or its refusal (ValueError),
+    """fn() on rank 0 alone (it looks at or writes the output folder); its result, or its refusal (InputError),
     on every rank: a refusal stops every rank, none waits for the others forever."""
     result, error = None, None
     if rt.is_main:
         try:
             result = fn()
-        except ValueError as e:
+        except InputError as e:
             error = str(e)
     if rt.distributed:
         import torch.distributed as dist
@@ -78,7 +78,7 @@ def on_rank0(rt: Runtime, fn):
         dist.broadcast_object_list(box, src=0)
         result, error = box[0]
     if error is not None:
-        raise ValueError(error)
+        raise InputError(error)
     return result
 
 

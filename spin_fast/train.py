@@ -82,10 +82,9 @@ def ignored_keys(cfg: Config) -> list[str]:
     return sorted(k for k in explicit_keys(cfg) if k.startswith(IGNORED_BY_MODE[mode]))
 
 
-def training_phase_only(cfg: Config, rt, tokenizer, work: Path) -> dict:
-    """--pairs: one training phase on existing pairs, opponent = --model, into `work` (OUTPUT.tmp, renamed to
-    OUTPUT by the caller when complete). Returns the summary."""
-    model_dir = Path(cfg.model.path)
+def read_pairs(cfg: Config, rt, tokenizer):
+    """--pairs: the training pairs (bad rows stop the run here, before anything is written); (pairs, skipped,
+    seconds)."""
     t0 = time.perf_counter()
     pairs, bad = load_pairs(cfg.data.pairs, tokenizer, generated=cfg.data.generated or None,
                             max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
@@ -97,6 +96,14 @@ def training_phase_only(cfg: Config, rt, tokenizer, work: Path) -> dict:
         log.info("%d pairs (%d bad rows skipped %s, %d prompts and %d responses truncated), %d tokens, %.1f s",
                  pairs.num_pairs, bad.count, dict(bad.by_kind), pairs.truncated_prompts, pairs.truncated_responses,
                  int(pairs.seq_offsets[-1]), data_s)
+    return pairs, bad, data_s
+
+
+def training_phase_only(cfg: Config, rt, tokenizer, work: Path, data) -> dict:
+    """--pairs: one training phase on existing pairs (read_pairs' result), opponent = --model, into `work`
+    (OUTPUT.tmp, renamed to OUTPUT by the caller when complete). Returns the summary."""
+    model_dir = Path(cfg.model.path)
+    pairs, bad, data_s = data
     summary = train_phase(cfg, rt, model_dir=model_dir, out_dir=work, pairs=pairs, tokenizer=tokenizer,
                           checkpoint_dir=work / "ckpt")
     cache = Path(summary["cache"]["path"])
@@ -133,9 +140,16 @@ def main(argv=None) -> dict:
             cfg, evaluate = prepare_demo(cfg, rt)
         tokenizer = load_tokenizer(cfg.model.path)
         work = rundir.folder(cfg)
+        # the data is read and validated before the manifest marks the folder as a run: a bad row leaves nothing
+        # that a corrected rerun would have to --resume
+        if cfg.data.pairs:
+            data = read_pairs(cfg, rt, tokenizer)
+        else:
+            from .loop import split_sft
+            split_sft(cfg, work, rt)
         on_rank0(rt, lambda: manifest.check_and_write(work, cfg, tokenizer, rt.world))
         if cfg.data.pairs:
-            summary = training_phase_only(cfg, rt, tokenizer, work)
+            summary = training_phase_only(cfg, rt, tokenizer, work, data)
             if rt.is_main:
                 rundir.publish_pairs(cfg, lock, summary)
                 t = summary["train"]

@@ -97,7 +97,9 @@ def test_second_run_into_the_same_output_refuses_naming_the_holder(tmp_path):
         demo.init_model(model, demo.build_tokenizer(model), hidden=32, layers=1, heads=4, seed=0)
         rows = demo.write_jsonl(tmp_path / "rows.jsonl", demo.make_rows(8, seed=0))
         r = subprocess.run([sys.executable, "-m", "spin_fast.train", "--model", str(model), "--data.sft", str(rows),
-                            "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+                            "--output", str(tmp_path / "out"), "--max-length", "64", "--max-prompt-length", "32",
+                            "--micro-batch-tokens", "128", "--tokens-per-step", "128", "--max-new-tokens", "8"],
+                           capture_output=True, text=True, timeout=300)   # (lengths within the tiny model's 128)
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -152,7 +152,7 @@ def test_train_cli_user_errors(case, model, tmp_path, files, capsys, monkeypatch
     }[case]
     code, err = cli(train_main, argv, capsys, monkeypatch)
     one_line_error(code, err, *want)
-    assert not (tmp_path / "out" / "loop.json").exists()                       # stopped before starting a run
+    assert not (tmp_path / "out" / "manifest.json").exists()                   # stopped before starting a run
 
 
 # --- the generate entry point -----------------------------------------------------------------------------------------

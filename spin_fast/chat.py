@@ -53,6 +53,18 @@ def render_prompt(tokenizer, messages: list[dict], chat_template: str | None = N
     return encode(tokenizer, render_text(tokenizer, messages, chat_template, add_generation_prompt=True))
 
 
+def render_texts(tokenizer, messages: list[dict], response: str, chat_template: str | None = None) -> tuple[str, str]:
+    """(text of the prompt + generation prompt, text of prompt + response): what render_prompt_response tokenizes,
+    and all a row needs to render (RenderError otherwise)."""
+    prompt_text = render_text(tokenizer, messages, chat_template, add_generation_prompt=True)
+    full_text = render_text(tokenizer, list(messages) + [{"role": "assistant", "content": response}],
+                            chat_template, add_generation_prompt=False)
+    if not full_text.startswith(prompt_text):
+        raise RenderError("chat template renders prompt+response with a different prefix than the prompt alone "
+                          "(generation prompt not a prefix); cannot split prompt and response tokens")
+    return prompt_text, full_text
+
+
 def render_prompt_response(tokenizer, messages: list[dict], response: str,
                            chat_template: str | None = None) -> tuple[list[int], int]:
     """(ids of prompt + assistant `response` as the template closes a turn, number of prompt tokens).
@@ -60,12 +72,7 @@ def render_prompt_response(tokenizer, messages: list[dict], response: str,
     The prompt part is exactly render_prompt(...), so response tokens are scored in the same context the
     sampler generated them in; the response part is what the template adds after it (content + end of turn).
     """
-    prompt_text = render_text(tokenizer, messages, chat_template, add_generation_prompt=True)
-    full_text = render_text(tokenizer, list(messages) + [{"role": "assistant", "content": response}],
-                            chat_template, add_generation_prompt=False)
-    if not full_text.startswith(prompt_text):
-        raise RenderError("chat template renders prompt+response with a different prefix than the prompt alone "
-                         "(generation prompt not a prefix); cannot split prompt and response tokens")
+    prompt_text, full_text = render_texts(tokenizer, messages, response, chat_template)
     prompt_ids = encode(tokenizer, prompt_text)
     # tokenized separately: BPE merges across the boundary would otherwise shift the split point
     return prompt_ids + encode(tokenizer, full_text[len(prompt_text):]), len(prompt_ids)

@@ -205,12 +205,9 @@ class Config:
             p = Path(m.path)
             need(p.is_dir() and (p / "config.json").is_file(), "model.path",
                  "must be a Hugging Face model folder (with config.json)", m.path)
-        if self.output is not None:
-            need(not Path(self.output).exists() or Path(self.output).is_dir(), "output",
-                 "is an existing file; the output is a folder", self.output)
         return self
 
-    def check_paths(self) -> "Config":
+    def check_data_paths(self) -> "Config":
         """Every data path exists (a run would otherwise stop only when it first reads it)."""
         for key in ("data.sft", "data.pairs", "data.generated"):
             for i, path in enumerate(getattr(self.data, key.split(".")[1])):

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .chat import RenderError, render_texts
 from .config import Config
 from .data import concat_pairs, load_pairs
 from .errors import InputError
@@ -38,12 +39,13 @@ def _barrier(rt: Runtime) -> None:
         torch.distributed.barrier()
 
 
-def split_sft(cfg: Config, out: Path, rt: Runtime) -> tuple[Path, Path | None, SkippedRows]:
+def split_sft(cfg: Config, out: Path, rt: Runtime, tokenizer=None) -> tuple[Path, Path | None, SkippedRows]:
     """OUTPUT/data/{train,heldout}.jsonl from data.sft: `loop.heldout` rows drawn with the seed, the rest train.
 
-    Only rows the trainer accepts (rows.sft_row) are kept: a bad row stops the run naming the user's file:row, or
-    with data.skip_bad_rows is skipped and counted (OUTPUT/data/split.json). Each kept row carries its origin
-    (rows.ORIGIN_KEY), so errors of the later phases still name the user's file and row."""
+    Only rows the trainer accepts (rows.sft_row, and with `tokenizer` the chat template renders them) are kept: a
+    bad row stops the run naming the user's file:row, or with data.skip_bad_rows is skipped and counted
+    (OUTPUT/data/split.json). Each kept row carries its origin (rows.ORIGIN_KEY), so errors of the later phases
+    still name the user's file and row."""
     folder = out / "data"
     train, held, info = folder / "train.jsonl", folder / "heldout.jsonl", folder / "split.json"
     bad = SkippedRows()
@@ -58,7 +60,12 @@ def split_sft(cfg: Config, out: Path, rt: Runtime) -> tuple[Path, Path | None, S
         for path in cfg.data.sft:
             for loc, row in read_rows(path):
                 try:
-                    sft_row(loc, row)
+                    _, conv = sft_row(loc, row)
+                    if tokenizer is not None:
+                        try:
+                            render_texts(tokenizer, conv[:-1], conv[-1]["content"], cfg.data.chat_template)
+                        except RenderError as e:
+                            raise BadRow(loc, str(e), "template") from None
                     rows.append({**row, ORIGIN_KEY: loc})
                 except BadRow as e:
                     bad.add(e, cfg.data.skip_bad_rows)

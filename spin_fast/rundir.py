@@ -25,7 +25,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_paths(cfg: Config) -> None:
-    """InputError if the output is the starting model's folder or inside it, or is one of the data paths."""
+    """InputError if the output is the starting model's folder or inside it, one of the data paths, or a file."""
     out = Path(cfg.output).resolve()
     model = Path(cfg.model.path).resolve()
     if _inside(out, model):
@@ -36,6 +36,8 @@ def check_paths(cfg: Config) -> None:
         for p in getattr(getattr(cfg, section), name):
             if Path(p).resolve() == out:
                 raise InputError(f"output {cfg.output} is the {key} input {p}: choose another --output")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"config output: {cfg.output} is an existing file; the output is a folder")
 
 
 def folder(cfg: Config) -> Path:

@@ -56,7 +56,7 @@ def parse_args(argv=None) -> tuple[Config, bool]:
     if not cfg.data.pairs and not cfg.data.sft:
         raise InputError("config data.sft: required for the SPIN loop (--data.sft FILE), or data.pairs for the "
                          "training phase alone (--pairs FILE)")
-    cfg.check_paths()
+    cfg.check_data_paths()
     check_model_context(cfg)
     return cfg, False
 
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
             data = read_pairs(cfg, rt, tokenizer)
         else:
             from .loop import split_sft
-            split_sft(cfg, work, rt)
+            split_sft(cfg, work, rt, tokenizer)
         on_rank0(rt, lambda: manifest.check_and_write(work, cfg, tokenizer, rt.world))
         if cfg.data.pairs:
             summary = training_phase_only(cfg, rt, tokenizer, work, data)

@@ -153,6 +153,23 @@ def test_split_keeps_the_users_file_and_row(tmp_path):
         load_sft_sequences(target, TOK, chat_template=strict, max_length=64, max_prompt_length=32)
 
 
+def test_split_checks_that_the_template_renders_every_row(tmp_path):
+    """With the tokenizer (as train.main calls it, before the run's manifest) the split also renders each row:
+    a template failure stops the run at the user's row before any phase ran, or is skipped and counted."""
+    rows = [{"prompt_id": f"p{i}", "messages": [m(U, "BOOM" if i == 2 else f"q{i}"), m(A, "a")]} for i in range(4)]
+    user = write_jsonl(tmp_path / "mine.jsonl", rows)
+    cfg = loop_cfg(user, tmp_path / "out")
+    cfg.data.chat_template = ("{% for m in messages %}{% if m['content'] == 'BOOM' %}{{ raise_exception('no booms') }}"
+                              "{% endif %}{{ m['content'] }}\n{% endfor %}")
+    with pytest.raises(InputError, match=f"^{user}:3: chat template failed.*no booms"):
+        split_sft(cfg, tmp_path / "out", RT, TOK)
+    assert not (tmp_path / "out").exists()
+    cfg.data.skip_bad_rows = True
+    train, _, bad = split_sft(cfg, tmp_path / "out", RT, TOK)
+    assert bad.summary() == {"bad_rows": 1, "bad_rows_by_kind": {"template": 1}}
+    assert len(train.read_text().splitlines()) == 3
+
+
 def test_decoding_errors_are_row_errors_named_and_skippable(tmp_path):
     good = json.dumps(GOOD).encode()
     f = tmp_path / "d.jsonl"

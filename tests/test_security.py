@@ -118,11 +118,9 @@ def test_tokenizer_code_in_the_model_folder_is_never_run(tmp_path):
     cfg["auto_map"] = {"AutoTokenizer": ["evil_tokenizer.EvilTokenizer", "evil_tokenizer.EvilTokenizer"]}
     cfg["tokenizer_class"] = "EvilTokenizer"
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    try:
+    with pytest.raises(InputError, match=rf"^{folder}: cannot load its tokenizer .*contains custom code"):
         load_tokenizer(folder)
-    except InputError as e:
-        assert str(e).startswith(f"{folder}: cannot load its tokenizer")
-    assert not marker.exists()
+    assert not marker.exists()          # (transformers with trust_remote_code=True would have run the file)
 
 
 def test_pickled_weights_are_refused_not_loaded(tmp_path):

@@ -98,7 +98,8 @@ class SftTask:
     def normalizer(self, unit_ids: np.ndarray) -> float:
         return float(self.response_tokens[unit_ids].sum())
 
-    def micro_batch(self, model, seq_ids: list[int], normalizer: float) -> torch.Tensor:
+    def micro_batch(self, model, seq_ids: list[int], normalizer: float, weight: float = 1.0) -> torch.Tensor:
+        """weight 0: a zero-weight padding replica (trainer._deal): forward/backward for the ranks' lockstep only."""
         s = self.seqs
         host = collate_sequences(seq_ids, s.tokens, s.seq_offsets, s.prompt_lens)
         max_seqlen = int(np.diff(host["cu_seqlens"]).max())
@@ -108,6 +109,8 @@ class SftTask:
         logps = linear_logprobs(hidden[scored], model.lm_head_weight, b["targets"][scored], impl=self.cfg.impl,
                                 memory_budget_bytes=self.cfg.logits_budget_mib << 20, check_values=False)  # (R,)
         loss = -logps.sum() / normalizer
+        if weight != 1.0:
+            loss = loss * weight
         loss.backward()
-        share = torch.tensor(float(len(host["scored"])), device=self.device)
+        share = torch.tensor(float(len(host["scored"])) * weight, device=self.device)
         return torch.stack([loss.detach().float(), share])                                # (2,)

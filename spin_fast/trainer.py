@@ -48,69 +48,67 @@ class StepPlan:
     micro_batches: list[list[list[int]]]  # [rank][micro-batch] -> global unit ids
     tokens: int                          # prompt+chosen+rejected tokens of the step, all ranks
     epoch: int
-    dropped_in_epoch: int = 0            # pairs of this epoch left out because they could not be dealt evenly
+    dropped_in_epoch: int = 0            # always 0 (no unit is left out; kept for the summaries' key)
+    padding: list[list[bool]] | None = None  # [rank][micro-batch]: a zero-weight replica (None: no padding)
 
 
-def _group_steps(order: np.ndarray, pair_tokens: np.ndarray, tokens_per_step: int, min_pairs: int) -> list[list[int]]:
-    """Cut `order` into consecutive steps: add pairs while the step stays <= tokens_per_step; a step has at least
-    `min_pairs` pairs (one per rank); a too-small tail joins the previous step."""
+def _group_steps(order: np.ndarray, pair_tokens: np.ndarray, tokens_per_step: int) -> list[list[int]]:
+    """Cut `order` into consecutive steps: add pairs while the step stays <= tokens_per_step (at least one pair a
+    step). Independent of the world size: the step's pairs and its loss normaliser are what one process trains."""
     steps, cur, cur_tokens = [], [], 0
     for p in order.tolist():
         t = int(pair_tokens[p])
-        if len(cur) >= min_pairs and cur_tokens + t > tokens_per_step:
+        if cur and cur_tokens + t > tokens_per_step:
             steps.append(cur)
             cur, cur_tokens = [], 0
         cur.append(p)
         cur_tokens += t
     if cur:
-        if len(cur) < min_pairs and steps:
-            steps[-1].extend(cur)
-        else:
-            steps.append(cur)
+        steps.append(cur)
     return steps
 
 
-def _dealable(pair_ids: list[int], pair_tokens: np.ndarray, budget: int, world: int) -> bool:
-    """Can these pairs fill a multiple of `world` micro-batches (each rank the same count, none empty)? The packer
-    reaches one by splitting micro-batches, so: #pairs >= the first multiple of world >= the one-rank bin count."""
-    if world == 1:
-        return True
-    bins = len(plan_micro_batches(pair_tokens[pair_ids], budget, 1)[0])
-    return len(pair_ids) >= -(-bins // world) * world
+def _deal(ids: np.ndarray, pair_tokens: np.ndarray, budget: int, world: int):
+    """One step's units into micro-batches, the same count on every rank: (micro_batches, padding).
 
-
-def _make_dealable(groups: list[list[int]], pair_tokens: np.ndarray, budget: int, world: int) -> list[int]:
-    """In place: a step whose pairs cannot be dealt evenly (e.g. 3 long pairs, 3 micro-batches, 2 ranks) takes
-    pairs from the next step; the last step joins the previous one if that is dealable, else its trailing pairs
-    are dropped from this epoch (returned; at most a few, like a DataLoader's drop_last). Dealable steps (nearly
-    all, whenever a micro-batch holds several pairs) are left as they are: the plan is the same for every world."""
-    dropped, i = [], 0
-    while i < len(groups):
-        if _dealable(groups[i], pair_tokens, budget, world):
-            i += 1
-        elif i + 1 < len(groups):
-            groups[i].append(groups[i + 1].pop(0))
-            if not groups[i + 1]:
-                del groups[i + 1]
-        elif i > 0 and _dealable(groups[i - 1] + groups[i], pair_tokens, budget, world):
-            groups[i - 1].extend(groups.pop(i))
-        else:
-            while groups[i] and not _dealable(groups[i], pair_tokens, budget, world):
-                dropped.append(groups[i].pop())
-            if not groups[i]:
-                del groups[i]
-    return dropped
+    The packer reaches a multiple of `world` micro-batches by splitting ones of several pairs; when the step has
+    too few pairs for that (e.g. 3 long pairs, 3 micro-batches, 2 ranks), each pair gets its own micro-batch and
+    the missing ones (< world) are zero-weight replicas of the step's cheapest pair: the rank runs its
+    forward/backward (FSDP's collectives need every rank in lockstep) with the loss multiplied by 0, so the step's
+    pairs, its normaliser and its gradient are exactly those of one process (moving pairs between steps instead
+    would change what is trained)."""
+    costs = pair_tokens[ids]
+    bins = plan_micro_batches(costs, budget, 1)[0]                           # one rank's first-fit packing
+    need = -(-len(bins) // world) * world
+    if len(ids) >= need:                                 # splitting reaches `need` (a bin with >= 2 pairs is left)
+        local = plan_micro_batches(costs, budget, world)
+        return [[ids[mb].tolist() for mb in rank] for rank in local], None
+    # too few pairs to split further: one micro-batch per pair (fewer than `need` of them), then the replicas
+    cheapest, n = int(np.argmin(costs)), len(ids)
+    mbs = [(int(costs[i]), [int(ids[i])], False) for i in range(n)]
+    need = -(-n // world) * world
+    mbs += [(int(costs[cheapest]), [int(ids[cheapest])], True)] * (need - n)
+    mbs.sort(key=lambda m: -m[0])                                                    # heaviest first (stable)
+    per_rank, load = need // world, [0] * world
+    out, pad = [[] for _ in range(world)], [[] for _ in range(world)]
+    for cost, mb, is_pad in mbs:         # to the least loaded rank with a free slot (ties: lowest rank)
+        r = min((r for r in range(world) if len(out[r]) < per_rank), key=lambda r: load[r])
+        out[r].append(mb)
+        pad[r].append(is_pad)
+        load[r] += cost
+    return out, pad
 
 
 def plan_steps(unit_tokens, *, tokens_per_step: int, micro_batch_tokens: int, world_size: int, seed: int,
                epochs: int, max_steps: int = -1) -> list[StepPlan]:
     """Every optimizer step of the phase, epoch by epoch (a fresh permutation of the units per epoch, from
     (seed, epoch) only). unit_tokens (U,): tokens of each training unit (a SPIN pair: prompt+chosen+prompt+rejected;
-    an SFT example). ValueError if there are fewer units than ranks or one exceeds micro_batch_tokens."""
+    an SFT example). The steps' units do not depend on world_size (only how they are dealt to ranks does).
+    InputError if a unit exceeds micro_batch_tokens."""
     pair_tokens = np.asarray(unit_tokens, dtype=np.int64)                     # (U,)
     num_pairs = len(pair_tokens)
-    if num_pairs < world_size:
-        raise InputError(f"{num_pairs} training pairs cannot be spread over {world_size} ranks (each rank needs one)")
+    if num_pairs == 0:
+        raise InputError("no training units")
     longest = int(pair_tokens.max())
     if longest > micro_batch_tokens:
         p = int(pair_tokens.argmax())
@@ -118,16 +116,10 @@ def plan_steps(unit_tokens, *, tokens_per_step: int, micro_batch_tokens: int, wo
     plans = []
     for epoch in range(epochs):
         order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
-        groups = _group_steps(order, pair_tokens, tokens_per_step, world_size)
-        dropped = _make_dealable(groups, pair_tokens, micro_batch_tokens, world_size)
-        if not groups:
-            raise InputError(f"{num_pairs} pairs cannot be dealt evenly over {world_size} ranks in micro-batches of "
-                             f"{micro_batch_tokens} tokens: use fewer ranks, more pairs or larger micro-batches")
-        for step in groups:
+        for step in _group_steps(order, pair_tokens, tokens_per_step):
             ids = np.asarray(step, dtype=np.int64)
-            local = plan_micro_batches(pair_tokens[ids], micro_batch_tokens, world_size)
-            mbs = [[ids[mb].tolist() for mb in rank] for rank in local]
-            plans.append(StepPlan(ids, mbs, int(pair_tokens[ids].sum()), epoch, len(dropped)))
+            mbs, pad = _deal(ids, pair_tokens, micro_batch_tokens, world_size)
+            plans.append(StepPlan(ids, mbs, int(pair_tokens[ids].sum()), epoch, 0, pad))
             if 0 < max_steps <= len(plans):
                 return plans
     return plans
@@ -285,9 +277,9 @@ class SpinTask:
     def normalizer(self, unit_ids: np.ndarray) -> float:
         return float(len(unit_ids))
 
-    def micro_batch(self, model, pair_ids: list[int], normalizer: float) -> torch.Tensor:
+    def micro_batch(self, model, pair_ids: list[int], normalizer: float, weight: float = 1.0) -> torch.Tensor:
         """Forward + backward of one micro-batch; returns its (7,) metric contributions (sums over its pairs /
-        normalizer, so the step's rows add up to means over the step's pairs)."""
+        normalizer, so the step's rows add up to means over the step's pairs). weight 0: a padding replica."""
         p, cfg = self.pairs, self.cfg
         host = collate(pair_ids, p.tokens, p.seq_offsets, p.prompt_lens)
         max_seqlen = int(np.diff(host["cu_seqlens"]).max())
@@ -299,8 +291,10 @@ class SpinTask:
             self.ref_chosen[b["pair_ids"]], self.ref_rejected[b["pair_ids"]], beta=cfg.beta,
             loss_type=cfg.loss_type, normalizer=normalizer, impl=cfg.impl, rpo_alpha=cfg.rpo_alpha,
             num_sequences=num_seqs, check_values=False, memory_budget_bytes=cfg.logits_budget_mib << 20)
+        if weight != 1.0:
+            loss = loss * weight
         loss.backward()
-        share = len(pair_ids) / normalizer
+        share = len(pair_ids) / normalizer * weight
         return torch.stack([loss.detach().float()] + [m[k] * share for k in METRIC_NAMES[1:]])      # (7,)
 
 
@@ -342,8 +336,7 @@ class Trainer:
         self.steps = plan_steps(task.unit_tokens, tokens_per_step=cfg.tokens_per_step,
                                 micro_batch_tokens=cfg.micro_batch_tokens, world_size=self.world, seed=seed,
                                 epochs=cfg.epochs, max_steps=cfg.max_steps)
-        # pairs left out of an epoch because they could not be dealt evenly over the ranks (rare; reported)
-        self.dropped_pairs = sum({s.epoch: s.dropped_in_epoch for s in self.steps}.values())
+        self.dropped_pairs = 0                 # every unit is trained (steps too small for the ranks are padded)
         self.optimizer = build_optimizer(model.parameters(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, len(self.steps))
         self.metrics = metrics
@@ -405,8 +398,10 @@ class Trainer:
                 continue
             normalizer = self.task.normalizer(step.units)
             vec = None
-            for mb in step.micro_batches[self.rank]:
-                v = self.task.micro_batch(self.model, mb, normalizer)
+            pad = step.padding[self.rank] if step.padding else None
+            for j, mb in enumerate(step.micro_batches[self.rank]):
+                # a padding micro-batch (a replica, see _deal) runs with weight 0: no gradient, no metrics
+                v = self.task.micro_batch(self.model, mb, normalizer, weight=0.0 if pad and pad[j] else 1.0)
                 vec = v if vec is None else vec + v
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm, foreach=True)
             if hasattr(grad_norm, "full_tensor"):

@@ -6,14 +6,21 @@ Two entry points, both taking GQA-shaped tensors (fewer KV heads than query head
   decode_attention(q, k_cache, v_cache, lengths)     one new query per slot against that slot's cache
 
 Backends for the packed path:
-  "sdpa"  torch scaled_dot_product_attention with a block-diagonal causal (N, N) mask; runs anywhere,
-          but the mask is O(N^2): fine for prefill chunks and tests, not for long training packs.
+  "sdpa"  torch scaled_dot_product_attention, one plain causal call per run of equal-length sequences
+          (O(sum T_s^2) work, no mask; the sequence bounds are read on the host, free when the caller passes
+          them, as the trainer, SFT and the reference cache do).
   "flex"  FlexAttention with a document block mask (O(N) mask storage, skips empty blocks); compiled
           on CUDA, eager (slow, for tests) on CPU.
   "flash" flash-attn's varlen kernel; CUDA only, optional import.
-"auto" picks flash, then flex, on CUDA; sdpa on CPU. The mask is built once per forward by
-`prepare_varlen` and shared by all layers. Decode always uses SDPA: one query per slot is
-bandwidth-bound on reading the cache, and SDPA keeps the step capturable in a CUDA graph.
+"auto" picks flash, then flex, on CUDA; sdpa on CPU. What runs is decided by the pure function
+`choose_attention_path` (device, dtype, heads, mask kind) and is the same for every layer.
+
+No CUDA path takes SDPA's math kernel (it materialises fp32 (H, N, N) scores: out of memory at 16k tokens):
+flash takes no mask and needs fp16/bf16; memory-efficient takes fp32 but no grouped KV heads
+(torch's sdp_utils: check_batch_size_and_num_heads_dense<false> for it). So SDPA on CUDA is only ever called
+without a mask (is_causal), and with the KV heads repeated to the query heads where flash cannot run
+(fp32, or head_dim beyond flash's). The dense (N, N) mask (`block_causal_mask`) is a test reference only.
+Decode always uses SDPA-equivalent maths: one query per slot is bandwidth-bound on reading the cache.
 """
 from __future__ import annotations
 
@@ -77,21 +84,46 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
-    """(N, N) bool mask, True where token i may attend to token j: same sequence and j <= i."""
+    """The test reference (no model path uses it: a masked SDPA is the math kernel on CUDA): (N, N) bool mask, True where token i may attend to token j: same sequence and j <= i."""
     idx = torch.arange(n, device=cu_seqlens.device)                                  # (N,)
     seq = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)                 # (N,) sequence of each token
     same = seq[:, None] == seq[None, :]                                              # (N, N)
     return same & (idx[None, :] <= idx[:, None])                                     # causal: j <= i
 
 
-def prepare_varlen(cu_seqlens: torch.Tensor, n: int, backend: str):
-    """What every layer's varlen_attention reuses: the (N, N) mask for sdpa (None for one sequence),
-    the block mask for flex, nothing for flash. backend: a resolved one ("sdpa" | "flex" | "flash").
+HALF = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256
+
+
+def choose_attention_path(device_type: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int,
+                          packed: bool, backend: str) -> tuple[str, bool]:
+    """(kind, expand_kv): how varlen attention runs. A pure function of the call's static properties.
+
+    backend: a resolved one ("sdpa" | "flex" | "flash"); packed: more than one sequence in the call.
+    kind: "flash_varlen" (flash-attn), "flex" (block mask), "causal" (one SDPA is_causal call), "split" (one
+    SDPA is_causal call per run of equal-length sequences). Never a masked SDPA: on CUDA that is the math kernel.
+    expand_kv: repeat the KV heads to num_heads before SDPA, so CUDA's memory-efficient kernel (no GQA) can take a
+    call flash cannot (fp32, or a head_dim flash does not support); CPU keeps SDPA's own enable_gqa.
+    """
+    if backend == "flash":
+        return "flash_varlen", False
+    if backend == "flex" and packed:
+        return "flex", False
+    flash_ok = dtype in HALF and head_dim <= FLASH_MAX_HEAD_DIM and head_dim % 8 == 0
+    expand = device_type == "cuda" and num_kv_heads != num_heads and not flash_ok
+    return ("split" if packed else "causal"), expand
+
+
+def prepare_varlen(cu_seqlens: torch.Tensor, n: int, backend: str, cu_host=None):
+    """What every layer's varlen_attention reuses: SplitBounds for sdpa (None for one sequence), the block mask
+    for flex, nothing for flash. backend: a resolved one ("sdpa" | "flex" | "flash"). cu_host: the same offsets
+    on the host (list / numpy), so the sdpa split needs no device sync; read from cu_seqlens when None.
     One sequence needs no mask at all (None): both sdpa and flex then run SDPA's plain causal kernel."""
     if cu_seqlens.numel() == 2 and backend != "flash":
         return None
     if backend == "sdpa":
-        return block_causal_mask(cu_seqlens, n)
+        cu = cu_seqlens.tolist() if cu_host is None else [int(c) for c in cu_host]
+        return SplitBounds(cu)
     if backend == "flex":
         idx = torch.arange(n, device=cu_seqlens.device)
         doc = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)              # (N,) sequence id
@@ -105,15 +137,32 @@ def prepare_varlen(cu_seqlens: torch.Tensor, n: int, backend: str):
 
 
 class SplitBounds:
-    """`prepared` for sdpa without the (N, N) mask: host cu_seqlens, one causal SDPA per run of
-    equal-length sequences (the sampler's prefill on CPU: the dense mask costs O(N^2) per layer)."""
+    """`prepared` for sdpa: the host cu_seqlens, one causal SDPA per run of equal-length sequences
+    (O(sum T_s^2) work and memory, no (N, N) mask)."""
 
     def __init__(self, cu: list[int]):
         self.cu = cu
 
 
-def _split_causal(q, k, v, cu: list[int]) -> torch.Tensor:
+def _causal(qt, kt, vt, expand: bool):
+    """One plain causal SDPA over (B, H, T, D) q and (B, KV, T, D) k/v: no mask, so CUDA runs flash or
+    memory-efficient, never math (expand: repeat KV heads, for memory-efficient, which has no GQA)."""
+    h, kv = qt.shape[1], kt.shape[1]
+    if expand and kv != h:
+        g = h // kv
+        kt = kt.repeat_interleave(g, dim=1)                                            # (B, H, T, D)
+        vt = vt.repeat_interleave(g, dim=1)
+        kv = h
+    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=kv != h)  # (B, H, T, D)
+
+
+# eager inside torch.compile'd blocks: the Python loop over host bounds would otherwise specialise (and
+# recompile) the block's graph on every pack's sequence lengths. The bounds object is passed whole: a list
+# argument would still be guarded on (its length) by the caller's graph.
+@torch.compiler.disable
+def _split_causal(q, k, v, bounds: SplitBounds, expand: bool = False) -> torch.Tensor:
     """varlen causal attention as batched plain-causal SDPA calls, one per run of equal lengths."""
+    cu = bounds.cu
     n, h, d = q.shape
     kv = k.shape[1]
     outs = []
@@ -126,7 +175,7 @@ def _split_causal(q, k, v, cu: list[int]) -> torch.Tensor:
         qt = q[a:b].reshape(r, ln, h, d).transpose(1, 2)                               # (R, H, T, D)
         kt = k[a:b].reshape(r, ln, kv, d).transpose(1, 2)                              # (R, KV, T, D)
         vt = v[a:b].reshape(r, ln, kv, d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=kv != h)  # (R, H, T, D)
+        o = _causal(qt, kt, vt, expand)                                                # (R, H, T, D)
         outs.append(o.transpose(1, 2).reshape(b - a, h, d))
         i = j
     # one cat rather than slice writes into a buffer: autograd then keeps no chain of CopySlices nodes
@@ -143,26 +192,27 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """
     n, h, d = q.shape
     kv = k.shape[1]
-    if isinstance(prepared, SplitBounds):
-        return _split_causal(q, k, v, prepared.cu)
     backend = resolve_backend(backend, q.device)
     if prepared is None and backend != "flash":
         prepared = prepare_varlen(cu_seqlens, n, backend)
-    if backend == "flash":
+    packed = prepared is not None or backend == "flash"
+    kind, expand = choose_attention_path(q.device.type, q.dtype, h, kv, d, packed, backend)
+    if kind == "flash_varlen":
         if max_seqlen is None:  # one host sync; callers that know it (the packer) pass it in
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         cu = cu_seqlens.to(torch.int32)
         return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True)  # (N, H, D)
+    if kind == "split":
+        if not isinstance(prepared, SplitBounds):
+            raise TypeError(f"the sdpa path takes SplitBounds (prepare_varlen), got {type(prepared).__name__}")
+        return _split_causal(q, k, v, prepared, expand)
     qt = q.transpose(0, 1).unsqueeze(0)                                              # (1, H, N, D)
     kt = k.transpose(0, 1).unsqueeze(0)                                              # (1, KV, N, D)
     vt = v.transpose(0, 1).unsqueeze(0)                                              # (1, KV, N, D)
-    if backend == "flex" and prepared is not None:
+    if kind == "flex":
         out = _flex(qt, kt, vt, prepared, enable_gqa=kv != h)
-    elif prepared is None:
-        # a single sequence: the plain causal kernel, no O(N^2) mask
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=kv != h)
-    else:
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=prepared, enable_gqa=kv != h)  # (N, N) mask
+    else:  # "causal": a single sequence, the plain causal kernel, no O(N^2) mask
+        out = _causal(qt, kt, vt, expand)
     return out.squeeze(0).transpose(0, 1)                                            # (N, H, D)
 
 

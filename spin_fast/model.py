@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import SplitBounds, check_backend, prepare_varlen, resolve_backend, varlen_attention
+from .attention import check_backend, prepare_varlen, resolve_backend, varlen_attention
 
 
 @dataclass
@@ -326,9 +326,10 @@ class Transformer(nn.Module):
             self._packed_lm_head = None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                max_seqlen: int | None = None, cache: CacheArgs | None = None) -> torch.Tensor:
+                max_seqlen: int | None = None, cache: CacheArgs | None = None, cu_seqlens_host=None) -> torch.Tensor:
         """input_ids, position_ids: (N,). cu_seqlens (S+1,) int32 for packed/prefill (None: one sequence,
-        or decode). Returns final hidden states (N, hidden_size), after the last norm."""
+        or decode); cu_seqlens_host: the same offsets on the host (numpy / list), which spares the sdpa backend a
+        device sync on CUDA. Returns final hidden states (N, hidden_size), after the last norm."""
         if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
             raise ValueError(f"input_ids and position_ids must be 1-D and equal-shaped (packed, no padding); "
                              f"got input_ids {tuple(input_ids.shape)}, position_ids {tuple(position_ids.shape)}")
@@ -336,14 +337,10 @@ class Transformer(nn.Module):
             return self._decode_forward(input_ids, position_ids, cache)
         if cu_seqlens is None:
             cu_seqlens = torch.tensor([0, input_ids.numel()], dtype=torch.int32, device=input_ids.device)
-        # the packed mask (sdpa) / block mask (flex), built once and shared by every layer
+        # the sequence bounds (sdpa: per-sequence causal SDPA, O(sum T_s^2), never an (N, N) mask) or the block
+        # mask (flex), built once and shared by every layer
         backend = resolve_backend(self.attn_backend, input_ids.device)
-        if backend == "sdpa" and cu_seqlens.numel() > 2 and (cache is not None or cu_seqlens.device.type == "cpu"):
-            # cache prefill, and packed training on CPU (where reading cu_seqlens is no device sync): per-sequence
-            # causal SDPA, O(sum T_s^2) work, instead of one O(N^2) masked SDPA over the whole pack
-            prepared = SplitBounds(cu_seqlens.tolist())
-        else:
-            prepared = prepare_varlen(cu_seqlens, input_ids.numel(), backend)
+        prepared = prepare_varlen(cu_seqlens, input_ids.numel(), backend, cu_seqlens_host)
         x = self.embed_tokens(input_ids)                                               # (N, hidden)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)                  # (N, D) each
         for blk in self.layers:

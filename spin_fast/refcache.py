@@ -178,7 +178,8 @@ def compute_ref_logps(model, pairs, *, token_budget: int | None = None, impl: st
             # only response tokens reach the LM head (prompt and last tokens have no target): chosen on the host
             scored = torch.from_numpy(np.flatnonzero(host["targets"] != IGNORE_INDEX)).to(device)      # (R,)
             b = to_torch(host, device)
-            hidden = model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen)   # (N, H)
+            hidden = model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen,
+                           cu_seqlens_host=host["cu_seqlens"])                              # (N, H)
             # targets are token ids, range-checked above: no per-batch device sync
             tok = linear_logprobs(hidden[scored], model.lm_head_weight, b["targets"][scored], impl=impl,
                                   memory_budget_bytes=memory_budget_bytes, check_values=False)          # (R,)

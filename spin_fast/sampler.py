@@ -365,7 +365,8 @@ class Sampler:
                 cu_list.append(cu_list[-1] + m)
             cu = torch.tensor(cu_list, dtype=torch.int32, device=self.device)                      # (S+1,)
             slots_t = torch.tensor(slots, device=self.device)                                     # (S,)
-            h = self.model(ids, pos, cu, max_seqlen=max(lens), cache=CacheArgs(self.cache, slots_t, decode=False))
+            h = self.model(ids, pos, cu, max_seqlen=max(lens), cache=CacheArgs(self.cache, slots_t, decode=False),
+                           cu_seqlens_host=cu_list)
             last = torch.tensor(cu_list[1:], device=self.device) - 1
             logits = self.model.logits(h[last]).float()                                          # (S, V)
             key_t = torch.tensor([keys[i] for _, i in take], device=self.device)

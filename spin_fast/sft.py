@@ -105,7 +105,8 @@ class SftTask:
         max_seqlen = int(np.diff(host["cu_seqlens"]).max())
         scored = torch.from_numpy(host["scored"]).to(self.device)                         # (R,)
         b = {k: torch.from_numpy(v).to(self.device) for k, v in host.items() if k != "scored"}
-        hidden = model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen)   # (N, H)
+        hidden = model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen,
+                       cu_seqlens_host=host["cu_seqlens"])                              # (N, H)
         logps = linear_logprobs(hidden[scored], model.lm_head_weight, b["targets"][scored], impl=self.cfg.impl,
                                 memory_budget_bytes=self.cfg.logits_budget_mib << 20, check_values=False)  # (R,)
         loss = -logps.sum() / normalizer

@@ -285,7 +285,8 @@ class SpinTask:
         max_seqlen = int(np.diff(host["cu_seqlens"]).max())
         num_seqs = host["cu_seqlens"].size - 1
         b = to_torch(host, self.device)
-        hidden = model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen)      # (N, H)
+        hidden = model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen,
+                       cu_seqlens_host=host["cu_seqlens"])                                  # (N, H)
         loss, m = spin_loss_from_hidden(
             hidden, model.lm_head_weight, b["targets"], b["seq_index"], b["chosen_index"], b["rejected_index"],
             self.ref_chosen[b["pair_ids"]], self.ref_rejected[b["pair_ids"]], beta=cfg.beta,

@@ -51,13 +51,20 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
-def _flex(q, k, v, block_mask, enable_gqa):
-    """FlexAttention, compiled once per process on CUDA (eager flex is a slow reference)."""
+def _flex(q, k, v, block_mask, enable_gqa, scale=None, softcap=None):
+    """FlexAttention, compiled once per process on CUDA (eager flex is a slow reference).
+    softcap: scores c * tanh(s / c), as a score_mod (Gemma 2)."""
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, qi, ki):
+            return torch.tanh(score / softcap) * softcap
     if q.device.type == "cuda":
-        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+        return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                enable_gqa=enable_gqa)
     with warnings.catch_warnings():  # eager on CPU is deliberate (tests); silence only this call's warning
         warnings.simplefilter("ignore")
-        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                              enable_gqa=enable_gqa)
 
 
 def check_backend(backend: str) -> str:
@@ -83,12 +90,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def block_causal_mask(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
-    """The test reference (no model path uses it: a masked SDPA is the math kernel on CUDA): (N, N) bool mask, True where token i may attend to token j: same sequence and j <= i."""
+def block_causal_mask(cu_seqlens: torch.Tensor, n: int, window: int | None = None) -> torch.Tensor:
+    """The test reference (no model path uses it: a masked SDPA is the math kernel on CUDA): (N, N) bool mask,
+    True where token i may attend to token j: same sequence and j <= i (and, with a sliding window W,
+    i - j < W: the last W positions, itself included, as transformers' sliding layers)."""
     idx = torch.arange(n, device=cu_seqlens.device)                                  # (N,)
     seq = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)                 # (N,) sequence of each token
     same = seq[:, None] == seq[None, :]                                              # (N, N)
-    return same & (idx[None, :] <= idx[:, None])                                     # causal: j <= i
+    keep = same & (idx[None, :] <= idx[:, None])                                     # causal: j <= i
+    if window is not None:
+        keep &= idx[:, None] - idx[None, :] < window                                 # (N, N) band
+    return keep
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -114,12 +126,15 @@ def choose_attention_path(device_type: str, dtype: torch.dtype, num_heads: int, 
     return ("split" if packed else "causal"), expand
 
 
-def prepare_varlen(cu_seqlens: torch.Tensor, n: int, backend: str, cu_host=None):
+def prepare_varlen(cu_seqlens: torch.Tensor, n: int, backend: str, cu_host=None, window: int | None = None):
     """What every layer's varlen_attention reuses: SplitBounds for sdpa (None for one sequence), the block mask
     for flex, nothing for flash. backend: a resolved one ("sdpa" | "flex" | "flash"). cu_host: the same offsets
     on the host (list / numpy), so the sdpa split needs no device sync; read from cu_seqlens when None.
-    One sequence needs no mask at all (None): both sdpa and flex then run SDPA's plain causal kernel."""
-    if cu_seqlens.numel() == 2 and backend != "flash":
+    One sequence needs no mask at all (None): both sdpa and flex then run SDPA's plain causal kernel.
+    window: the sliding window of the layers this is for (None: full causal); one per distinct window."""
+    if window is not None and window >= n:
+        window = None                                   # no sequence is longer than the window: plain causal
+    if cu_seqlens.numel() == 2 and backend != "flash" and window is None:
         return None
     if backend == "sdpa":
         cu = cu_seqlens.tolist() if cu_host is None else [int(c) for c in cu_host]
@@ -130,9 +145,12 @@ def prepare_varlen(cu_seqlens: torch.Tensor, n: int, backend: str, cu_host=None)
 
         def causal_same_doc(b, h, qi, ki):
             return (doc[qi] == doc[ki]) & (ki <= qi)
+
+        def windowed(b, h, qi, ki):
+            return (doc[qi] == doc[ki]) & (ki <= qi) & (qi - ki < window)
         # _compile on CUDA: builds the block mask without materialising the dense (N, N) mask first
-        return create_block_mask(causal_same_doc, None, None, n, n, device=cu_seqlens.device,
-                                 _compile=cu_seqlens.device.type == "cuda")
+        return create_block_mask(causal_same_doc if window is None else windowed, None, None, n, n,
+                                 device=cu_seqlens.device, _compile=cu_seqlens.device.type == "cuda")
     return None
 
 
@@ -144,7 +162,7 @@ class SplitBounds:
         self.cu = cu
 
 
-def _causal(qt, kt, vt, expand: bool):
+def _causal(qt, kt, vt, expand: bool, scale: float | None = None):
     """One plain causal SDPA over (B, H, T, D) q and (B, KV, T, D) k/v: no mask, so CUDA runs flash or
     memory-efficient, never math (expand: repeat KV heads, for memory-efficient, which has no GQA)."""
     h, kv = qt.shape[1], kt.shape[1]
@@ -153,14 +171,49 @@ def _causal(qt, kt, vt, expand: bool):
         kt = kt.repeat_interleave(g, dim=1)                                            # (B, H, T, D)
         vt = vt.repeat_interleave(g, dim=1)
         kv = h
-    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=kv != h)  # (B, H, T, D)
+    return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=kv != h)
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
+                   scale: float | None, softcap: float | None) -> torch.Tensor:
+    """Attention with tanh soft-capped scores (Gemma 2), which SDPA cannot do: scores = c * tanh(s / c)
+    with s = scale * q.k, then the mask, softmax in fp32 (as transformers' eager path). O(T^2) scores: the
+    CPU / sdpa fallback; on CUDA "auto" takes flash (softcap=) or flex (a score_mod).
+    q: (B, H, T, D); k/v: (B, KV, S, D); keep: bool broadcastable to (B, H, T, S), or None for causal."""
+    h, kv, d = q.shape[1], k.shape[1], q.shape[-1]
+    if kv != h:                                                                      # GQA: repeat KV heads
+        k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)   # (B, H, T, S)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if keep is None:
+        t, n = s.shape[-2:]
+        keep = torch.ones(t, n, dtype=torch.bool, device=q.device).tril_(n - t)
+    s = s.masked_fill(~keep, float("-inf"))
+    return torch.matmul(s.softmax(-1, dtype=torch.float32).to(q.dtype), v)         # (B, H, T, D)
+
+
+def _run(qt, kt, vt, expand, scale, window, softcap):
+    """One run of equal-length sequences (B, H, T, D): plain causal SDPA unless a window shorter than T
+    (a band mask: on CUDA the math kernel, so "auto" takes flash or flex there) or soft-capped scores."""
+    t = qt.shape[2]
+    keep = None
+    if window is not None and t > window:
+        i = torch.arange(t, device=qt.device)
+        keep = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)       # (T, T)
+    if softcap is not None:
+        return math_attention(qt, kt, vt, keep, scale, softcap)
+    if keep is None:
+        return _causal(qt, kt, vt, expand, scale)
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale, enable_gqa=kt.shape[1] != qt.shape[1])
 
 
 # eager inside torch.compile'd blocks: the Python loop over host bounds would otherwise specialise (and
 # recompile) the block's graph on every pack's sequence lengths. The bounds object is passed whole: a list
 # argument would still be guarded on (its length) by the caller's graph.
 @torch.compiler.disable
-def _split_causal(q, k, v, bounds: SplitBounds, expand: bool = False) -> torch.Tensor:
+def _split_causal(q, k, v, bounds: SplitBounds, expand: bool = False, scale=None, window=None,
+                  softcap=None) -> torch.Tensor:
     """varlen causal attention as batched plain-causal SDPA calls, one per run of equal lengths."""
     cu = bounds.cu
     n, h, d = q.shape
@@ -175,7 +228,7 @@ def _split_causal(q, k, v, bounds: SplitBounds, expand: bool = False) -> torch.T
         qt = q[a:b].reshape(r, ln, h, d).transpose(1, 2)                               # (R, H, T, D)
         kt = k[a:b].reshape(r, ln, kv, d).transpose(1, 2)                              # (R, KV, T, D)
         vt = v[a:b].reshape(r, ln, kv, d).transpose(1, 2)
-        o = _causal(qt, kt, vt, expand)                                                # (R, H, T, D)
+        o = _run(qt, kt, vt, expand, scale, window, softcap)                           # (R, H, T, D)
         outs.append(o.transpose(1, 2).reshape(b - a, h, d))
         i = j
     # one cat rather than slice writes into a buffer: autograd then keeps no chain of CopySlices nodes
@@ -183,36 +236,41 @@ def _split_causal(q, k, v, bounds: SplitBounds, expand: bool = False) -> torch.T
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int | None, backend: str = "auto", prepared=None) -> torch.Tensor:
+                     max_seqlen: int | None, backend: str = "auto", prepared=None, *, scale: float | None = None,
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal attention over packed sequences.
 
     q: (N, H, D), k/v: (N, KV, D) with H % KV == 0; cu_seqlens: (S+1,) int32 offsets, cu_seqlens[-1] == N.
-    prepared: prepare_varlen(cu_seqlens, N, resolved backend), to build the mask once for all layers.
-    Returns (N, H, D).
+    prepared: prepare_varlen(cu_seqlens, N, resolved backend, window=window), to build the mask once for all
+    layers of that window. scale: of q.k (None: 1/sqrt(D)); window: sliding window (None: full causal);
+    softcap: c for scores c * tanh(s / c) (Gemma 2). Returns (N, H, D).
     """
     n, h, d = q.shape
     kv = k.shape[1]
     backend = resolve_backend(backend, q.device)
     if prepared is None and backend != "flash":
-        prepared = prepare_varlen(cu_seqlens, n, backend)
+        prepared = prepare_varlen(cu_seqlens, n, backend, window=window)
     packed = prepared is not None or backend == "flash"
     kind, expand = choose_attention_path(q.device.type, q.dtype, h, kv, d, packed, backend)
     if kind == "flash_varlen":
         if max_seqlen is None:  # one host sync; callers that know it (the packer) pass it in
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         cu = cu_seqlens.to(torch.int32)
-        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True)  # (N, H, D)
+        # flash's window (left, right) counts positions besides the query's own: W - 1 to the left
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True, softmax_scale=scale,
+                                      window_size=(-1, -1) if window is None else (window - 1, 0),
+                                      softcap=0.0 if softcap is None else softcap)  # (N, H, D)
     if kind == "split":
         if not isinstance(prepared, SplitBounds):
             raise TypeError(f"the sdpa path takes SplitBounds (prepare_varlen), got {type(prepared).__name__}")
-        return _split_causal(q, k, v, prepared, expand)
+        return _split_causal(q, k, v, prepared, expand, scale, window, softcap)
     qt = q.transpose(0, 1).unsqueeze(0)                                              # (1, H, N, D)
     kt = k.transpose(0, 1).unsqueeze(0)                                              # (1, KV, N, D)
     vt = v.transpose(0, 1).unsqueeze(0)                                              # (1, KV, N, D)
     if kind == "flex":
-        out = _flex(qt, kt, vt, prepared, enable_gqa=kv != h)
-    else:  # "causal": a single sequence, the plain causal kernel, no O(N^2) mask
-        out = _causal(qt, kt, vt, expand)
+        out = _flex(qt, kt, vt, prepared, enable_gqa=kv != h, scale=scale, softcap=softcap)
+    else:  # "causal": a single sequence within the window, the plain causal kernel, no O(N^2) mask
+        out = _run(qt, kt, vt, expand, scale, None, softcap)
     return out.squeeze(0).transpose(0, 1)                                            # (N, H, D)
 
 

@@ -1,4 +1,16 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2): token ids in, FINAL HIDDEN STATES out.
+"""The decoder of every supported family (Llama 2/3, Mistral, Qwen2/3, Gemma 2/3, Phi-3): token ids in,
+FINAL HIDDEN STATES out.
+
+One block class with options, not one per family (families.py translates each config.json into them):
+  * norm_plus_one: RMSNorm scales by (1 + w) (Gemma); qk_norm: RMSNorm over head_dim of q and k before RoPE
+    (Qwen3, Gemma 3); post_norms: Gemma's sandwich (the attention and MLP outputs are normed before their
+    residual add, the MLP input by pre_feedforward_layernorm);
+  * hidden_act: SwiGLU (silu) or GeGLU (gelu tanh); embed_scale: embeddings times sqrt(hidden) (Gemma);
+  * attn_scale (query_pre_attn_scalar ** -0.5), attn_softcap (scores c tanh(s / c), Gemma 2), final_softcap
+    (the logits likewise; `model.logit_softcap` is what the loss kernels' `softcap=` take);
+  * layer_windows: per layer None (full causal) or a sliding window W (the last W positions, itself included),
+    honoured in the packed path and the KV-cache decode mask; sliding layers may have their own RoPE base
+    (local_rope_theta, Gemma 3).
 
 The forward stops after the last RMSNorm and does not apply the LM head: the fused loss kernels take
 `hidden` and `model.lm_head_weight` (the [V, H] weight, tied or not) and never materialise [N, V]
@@ -46,6 +58,17 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False                    # Qwen2 (or Llama with attention_bias=True)
     o_bias: bool = False                      # Llama attention_bias=True also biases o_proj
+    hidden_act: str = "silu"                  # "silu" (SwiGLU) | "gelu_pytorch_tanh" (GeGLU, Gemma) | "gelu"
+    norm_plus_one: bool = False               # Gemma: RMSNorm weight applied as (1 + w)
+    qk_norm: bool = False                     # Qwen3 / Gemma 3: RMSNorm of each q and k head before RoPE
+    post_norms: bool = False                  # Gemma 2/3: post-attention, pre/post-feedforward norms
+    embed_scale: float | None = None          # Gemma: sqrt(hidden_size), in the compute dtype
+    attn_scale: float | None = None           # scale of q.k; None: head_dim ** -0.5
+    attn_softcap: float | None = None         # Gemma 2: attention scores c * tanh(s / c)
+    final_softcap: float | None = None        # Gemma 2: logits c * tanh(z / c)
+    layer_windows: list | None = None         # per layer: None (full causal) or the sliding window size
+    local_rope_theta: float | None = None     # RoPE base of sliding layers, None: rope_theta (Gemma 3: 10k)
+    local_rope_scaling: dict | None = None    # their scaling (Gemma 3: none while global layers are scaled)
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -57,17 +80,35 @@ class ModelConfig:
                              f"num_key_value_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        if self.layer_windows is None:
+            self.layer_windows = [None] * self.num_layers
+        if len(self.layer_windows) != self.num_layers:
+            raise ValueError(f"{len(self.layer_windows)} layer windows for {self.num_layers} layers")
+
+    def is_local(self, layer: int) -> bool:
+        """A sliding-window layer: it uses the local RoPE tables."""
+        return self.layer_windows[layer] is not None
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """(head_dim/2,) float32 inverse frequencies, with linear or llama3 scaling applied."""
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
+
+
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """(head_dim/2,) float32 inverse frequencies, with linear, llama3 or longrope scaling applied.
+    local: those of the sliding-window layers (their own base / scaling where the config has one)."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))  # (D/2,)
-    s = cfg.rope_scaling
+    theta, s = cfg.rope_theta, cfg.rope_scaling
+    if local and cfg.local_rope_theta is not None:
+        theta, s = cfg.local_rope_theta, cfg.local_rope_scaling
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))     # (D/2,)
     if s is None:
         return inv
     if s["rope_type"] == "linear":
         return inv / float(s["factor"])
+    if s["rope_type"] == "longrope":  # Phi-3: per-frequency divisors (the short set: context <= the original)
+        return inv / torch.tensor(s["short_factor"], dtype=torch.float32)
     if s["rope_type"] == "llama3":  # Llama 3.1: long wavelengths slowed by `factor`, smooth blend between
         factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
         old = float(s["original_max_position_embeddings"])
@@ -80,11 +121,18 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     raise ValueError(f"unsupported rope_type {s['rope_type']!r}")  # hf_io refuses these earlier
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+def rope_attention_factor(scaling: dict | None) -> float:
+    """cos and sin are multiplied by this (longrope's attention factor; 1 otherwise)."""
+    return float(scaling.get("attention_factor", 1.0)) if scaling else 1.0
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype, factor: float = 1.0):
     """cos, sin: (N, D) for positions (N,), computed in fp32 like transformers, then cast."""
     # .float(): load_model keeps inv_freq fp32, but a model.to(bf16) would have cast the buffer
     freqs = position_ids.float()[:, None] * inv_freq.float()[None, :]                  # (N, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)                                            # (N, D)
+    if factor != 1.0:
+        return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -132,18 +180,23 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm over the last dim. plus_one (Gemma): scale by (1 + w), the product taken in fp32 and then
+    cast (Gemma's order); otherwise w * x_normed.to(dtype) (Llama's order): equal in fp32."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and not torch.is_grad_enabled():
             # inference in fp32: the fused kernel (one op instead of six; same fp32 maths)
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            return F.rms_norm(x, self.weight.shape, 1.0 + self.weight if self.plus_one else self.weight, self.eps)
         # statistics in fp32 whatever the compute dtype, as in the reference implementations
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -181,7 +234,7 @@ class CacheArgs:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.h, self.kv, self.d = h, kv, d
@@ -189,32 +242,47 @@ class Attention(nn.Module):
         self.k_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.v_proj = Linear(cfg.hidden_size, kv * d, bias=cfg.qkv_bias)
         self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:   # one (D,) weight shared by all heads, applied to each head's vector
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_plus_one)
+        else:
+            self.q_norm = self.k_norm = None
+        self.scale, self.softcap, self.window = cfg.attn_scale, cfg.attn_softcap, cfg.layer_windows[layer]
         # set inside Transformer.cpu_prepacked(): the fused q/k/v weight, prepacked (or plain when tiny)
         self.qkv_packed = self.qkv_weight = self.qkv_bias = None
 
+    def project(self, x: torch.Tensor, cos, sin):
+        """q (N, H, D), k (N, KV, D) normed (qk_norm) and rotated, v (N, KV, D)."""
+        n, h, kv, d = x.shape[0], self.h, self.kv, self.d
+        if (self.qkv_packed is not None or self.qkv_weight is not None) and not torch.is_grad_enabled():
+            qkv = self.qkv(x)                                                          # (N, (H+2KV)*D)
+            qk = qkv[:, : (h + kv) * d].view(n, h + kv, d)
+            v = qkv[:, (h + kv) * d:].view(n, kv, d)                                   # (N, KV, D)
+            if self.q_norm is None:   # one RoPE call for q and k together
+                qk = apply_rope(qk, cos, sin)                                          # (N, H+KV, D)
+                return qk[:, :h], qk[:, h:], v
+            q, k = qk[:, :h], qk[:, h:]
+        else:
+            q = self.q_proj(x).view(n, h, d)                                           # (N, H, D)
+            k = self.k_proj(x).view(n, kv, d)                                          # (N, KV, D)
+            v = self.v_proj(x).view(n, kv, d)                                          # (N, KV, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def forward(self, x, cos, sin, layer: int, cu_seqlens, max_seqlen, position_ids, cache: CacheArgs | None,
                 backend: str, prepared):
-        n, h, kv = x.shape[0], self.h, self.kv
-        if (self.qkv_packed is not None or self.qkv_weight is not None) and not torch.is_grad_enabled():
-            # one GEMM for q, k, v and one RoPE call for q and k together
-            qkv = self.qkv(x)                                                          # (N, (H+2KV)*D)
-            qk = apply_rope(qkv[:, : (h + kv) * self.d].view(n, h + kv, self.d), cos, sin)  # (N, H+KV, D)
-            q, k = qk[:, :h], qk[:, h:]                                                # (N, H, D), (N, KV, D)
-            v = qkv[:, (h + kv) * self.d:].view(n, kv, self.d)                         # (N, KV, D)
-        else:
-            q = apply_rope(self.q_proj(x).view(n, h, self.d), cos, sin)                # (N, H, D)
-            k = apply_rope(self.k_proj(x).view(n, kv, self.d), cos, sin)               # (N, KV, D)
-            v = self.v_proj(x).view(n, kv, self.d)                                     # (N, KV, D)
-        if cache is None:
-            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend, prepared)  # (N, H, D)
-        elif not cache.decode:
+        n = x.shape[0]
+        q, k, v = self.project(x, cos, sin)
+        if cache is not None and not cache.decode:
             # prefill: every sequence starts an empty slot, so its own K/V are its whole context
             tok_slot = cache.slots.repeat_interleave(cu_seqlens.diff().long(), output_size=n)  # (N,)
             cache.cache.k[layer, tok_slot, :, position_ids] = k                        # (N, KV, D) rows
             cache.cache.v[layer, tok_slot, :, position_ids] = v
-            out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend, prepared)  # (N, H, D)
-        else:
+        elif cache is not None:
             raise AssertionError("decode runs through Transformer._decode_forward")
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend, prepared, scale=self.scale,
+                               window=self.window, softcap=self.softcap)               # (N, H, D)
         return self.o_proj(out.reshape(n, self.h * self.d))                            # (N, hidden)
 
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,11 +296,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """act(gate(x)) * up(x) -> down: SwiGLU (silu) or GeGLU (gelu)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = ACTIVATIONS[cfg.hidden_act]
         self.gate_up_packed = self.gate_up_weight = None   # set inside Transformer.cpu_prepacked()
 
     def forward(self, x):
@@ -240,17 +311,25 @@ class MLP(nn.Module):
             gu = (_packed_linear(x, self.gate_up_packed, None) if self.gate_up_packed is not None
                   else F.linear(x, self.gate_up_weight))                                 # (N, 2I)
             gate, up = gu.chunk(2, dim=-1)                                             # (N, I) each
-            return self.down_proj.forward(F.silu(gate).mul_(up))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))            # SwiGLU
+            return self.down_proj.forward(self.act(gate).mul_(up))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
+    """Pre-norm block. Without post_norms (Llama):  x += attn(in_norm(x));  x += mlp(post_attention_norm(x)).
+    With post_norms (Gemma; the names are HF's): x += post_attention_norm(attn(in_norm(x)));
+    x += post_feedforward_norm(mlp(pre_feedforward_norm(x)))."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)  # noqa: E731
+        self.input_layernorm = norm()
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = norm()
+        if cfg.post_norms:
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+        self.post_norms = cfg.post_norms
         self.mlp = MLP(cfg)
         # training: recompute this block in backward instead of keeping its activations (set by the trainer;
         # a flag, not a wrapper module, so parameter names stay the HF ones)
@@ -263,9 +342,18 @@ class Block(nn.Module):
         return self._forward(x, cos, sin, cu_seqlens, max_seqlen, position_ids, cache, backend, prepared)
 
     def _forward(self, x, cos, sin, cu_seqlens, max_seqlen, position_ids, cache, backend, prepared):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, self.layer, cu_seqlens, max_seqlen,
-                               position_ids, cache, backend, prepared)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, self.layer, cu_seqlens, max_seqlen,
+                           position_ids, cache, backend, prepared)
+        return self.add_mlp(self.add_attn(x, a))
+
+    # the residual adds, shared with the decode path (submodules called through .forward: no hooks on them)
+    def add_attn(self, x, a):
+        return x + (self.post_attention_layernorm.forward(a) if self.post_norms else a)
+
+    def add_mlp(self, x):
+        if self.post_norms:
+            return x + self.post_feedforward_layernorm.forward(self.mlp.forward(self.pre_feedforward_layernorm.forward(x)))
+        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
 
 
 class Transformer(nn.Module):
@@ -275,21 +363,36 @@ class Transformer(nn.Module):
         self.attn_backend = check_backend(attn_backend)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_plus_one)
         # tied: no separate parameter, lm_head_weight is the embedding (one tensor, one gradient)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # a buffer, so .to(device) moves it; not persistent: it is derived from the config
+        # buffers, so .to(device) moves them; not persistent: derived from the config
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True), persistent=False)
+
+    def init_rope(self, device=None):
+        """(Re)compute the RoPE buffers in fp32 (after a meta-device build, or a cast of the model)."""
+        device = device or self.embed_tokens.weight.device
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+        self.inv_freq_local = rope_inv_freq(self.config, local=True).to(device)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
         """The [V, H] output projection, tied or not."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    @property
+    def logit_softcap(self) -> float | None:
+        """c of the final logits c * tanh(z / c) (Gemma 2), or None: pass it as the loss kernels' softcap=."""
+        return self.config.final_softcap
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._packed_lm_head is not None and not torch.is_grad_enabled():
-            return _packed_linear(hidden, self._packed_lm_head, None)                  # (N, V)
-        return F.linear(hidden, self.lm_head_weight)                                   # (N, V)
+            z = _packed_linear(hidden, self._packed_lm_head, None)                     # (N, V)
+        else:
+            z = F.linear(hidden, self.lm_head_weight)                                  # (N, V)
+        c = self.config.final_softcap
+        return z if c is None else torch.tanh(z / c) * c
 
     _packed_lm_head = None
 
@@ -325,6 +428,24 @@ class Transformer(nn.Module):
                 m.gate_up_packed = m.gate_up_weight = m.down_proj.packed = None
             self._packed_lm_head = None
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embed_tokens.weight)                           # (N, hidden)
+        if self.config.embed_scale is not None:   # the scale rounded to the compute dtype, as transformers does
+            x = x * torch.full((), self.config.embed_scale, dtype=x.dtype, device=x.device)
+        return x
+
+    def _rope_tables(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """{False: (cos, sin) of full layers, True: of sliding layers} for the positions, each (N, D)."""
+        cfg = self.config
+        tables = {False: rope_cos_sin(self.inv_freq, position_ids, dtype, rope_attention_factor(cfg.rope_scaling))}
+        if any(cfg.is_local(i) for i in range(cfg.num_layers)):
+            if cfg.local_rope_theta is None:
+                tables[True] = tables[False]
+            else:
+                tables[True] = rope_cos_sin(self.inv_freq_local, position_ids, dtype,
+                                            rope_attention_factor(cfg.local_rope_scaling))
+        return tables
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None, cache: CacheArgs | None = None, cu_seqlens_host=None) -> torch.Tensor:
         """input_ids, position_ids: (N,). cu_seqlens (S+1,) int32 for packed/prefill (None: one sequence,
@@ -338,24 +459,28 @@ class Transformer(nn.Module):
         if cu_seqlens is None:
             cu_seqlens = torch.tensor([0, input_ids.numel()], dtype=torch.int32, device=input_ids.device)
         # the sequence bounds (sdpa: per-sequence causal SDPA, O(sum T_s^2), never an (N, N) mask) or the block
-        # mask (flex), built once and shared by every layer
+        # mask (flex), built once per distinct sliding window and shared by the layers with it
         backend = resolve_backend(self.attn_backend, input_ids.device)
-        prepared = prepare_varlen(cu_seqlens, input_ids.numel(), backend, cu_seqlens_host)
-        x = self.embed_tokens(input_ids)                                               # (N, hidden)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)                  # (N, D) each
+        prepared = {w: prepare_varlen(cu_seqlens, input_ids.numel(), backend, cu_seqlens_host, window=w)
+                    for w in set(self.config.layer_windows)}
+        x = self._embed(input_ids)                                                     # (N, hidden)
+        rope = self._rope_tables(position_ids, x.dtype)                                # (N, D) each
         for blk in self.layers:
-            x = blk(x, cos, sin, cu_seqlens, max_seqlen, position_ids, cache, backend, prepared)
+            cos, sin = rope[self.config.is_local(blk.layer)]
+            x = blk(x, cos, sin, cu_seqlens, max_seqlen, position_ids, cache, backend,
+                    prepared[self.config.layer_windows[blk.layer]])
         return self.norm(x)
 
     def _decode_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: CacheArgs) -> torch.Tensor:
         """One new token per slot against the KV cache: (B,) ids and positions -> (B, hidden).
 
         Host-overhead-lean (a decode step of a small model is bound by per-op dispatch, not FLOPs):
-        everything position-dependent (RoPE cos/sin, the additive mask, the cache rows to write) is
+        everything position-dependent (RoPE cos/sin, the additive masks, the cache rows to write) is
         computed once per step for all layers; per layer there is one q/k/v GEMM, RoPE on q and k
         together, two index_copy_ into the cache, and attention as baddbmm + softmax + bmm straight
         on views of the head-major cache (GQA: the G query heads of a KV head are G rows of one bmm).
-        Submodules are called through .forward: no hooks run here (no FSDP/autograd in decode).
+        Sliding-window layers get their own mask (positions p > pos - W only). Submodules are called
+        through .forward: no hooks run here (no FSDP/autograd in decode).
         Ops only (no host syncs), so the step stays capturable in a CUDA graph.
         """
         cfg, c = self.config, cache.cache
@@ -363,26 +488,32 @@ class Transformer(nn.Module):
         g, m, dev = h // kv, c.max_len, input_ids.device
         L = cache.kv_len or m
         dtype = self.embed_tokens.weight.dtype
+        ar = torch.arange(L, device=dev)
         if cache.mask is not None:                       # a caller's (B, 1, 1, L) mask: bool or additive
             mask = cache.mask.reshape(b, -1)
             if mask.dtype == torch.bool:
                 mask = torch.zeros(mask.shape, dtype=dtype, device=dev).masked_fill_(~mask, float("-inf"))
         else:
-            ar = torch.arange(L, device=dev)
             mask = torch.zeros((b, L), dtype=dtype, device=dev).masked_fill_(ar > position_ids[:, None], float("-inf"))
-        mask = mask.to(dtype)[:, None, :].expand(b, kv, L).reshape(b * kv, 1, L)      # (B*KV, 1, L)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, dtype)                    # (B, D) each
-        # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi] (negation is exact)
-        sin = torch.cat((-sin[:, : d // 2], sin[:, d // 2:]), dim=-1)[:, None, :]       # (B, 1, D)
-        cos = cos[:, None, :]
+        masks = {}
+        for w in set(cfg.layer_windows):                 # (B*KV, 1, L) per distinct window
+            mw = mask if w is None else mask.masked_fill(ar <= position_ids[:, None] - w, float("-inf"))
+            masks[w] = mw.to(dtype)[:, None, :].expand(b, kv, L).reshape(b * kv, 1, L)
+        ropes = {}
+        for local, (cos, sin) in self._rope_tables(position_ids, dtype).items():
+            # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi] (negation is exact)
+            ropes[local] = (cos[:, None, :], torch.cat((-sin[:, : d // 2], sin[:, d // 2:]), dim=-1)[:, None, :])
         # flat rows of one layer's cache viewed as (SLOTS*KV*M, D): slot s, head j, position p
         rows = ((cache.slots[:, None] * kv + torch.arange(kv, device=dev)) * m + position_ids[:, None]).reshape(-1)
-        scale = 1.0 / math.sqrt(d)
-        x = F.embedding(input_ids, self.embed_tokens.weight)                           # (B, hidden)
+        scale = d ** -0.5 if cfg.attn_scale is None else cfg.attn_scale
+        x = self._embed(input_ids)                                                     # (B, hidden)
         for i, blk in enumerate(self.layers):
             a = blk.self_attn
+            cos, sin = ropes[cfg.is_local(i)]
             qkv = a.qkv(blk.input_layernorm.forward(x))                                # (B, (H+2KV)*D)
             qk = qkv[:, : (h + kv) * d].view(b, h + kv, d)
+            if a.q_norm is not None:
+                qk = torch.cat([a.q_norm.forward(qk[:, :h]), a.k_norm.forward(qk[:, h:])], dim=1)
             qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)                     # RoPE, (B, H+KV, D)
             ck, cv = c.k[i], c.v[i]                                                    # (SLOTS, KV, M, D)
             ck.view(-1, d).index_copy_(0, rows, qk[:, h:].reshape(b * kv, d))
@@ -392,8 +523,11 @@ class Transformer(nn.Module):
             else:
                 ck, cv = ck[cache.slots, :, :L], cv[cache.slots, :, :L]                # (B, KV, L, D) gathers
             ck, cv = ck.reshape(b * kv, L, d), cv.reshape(b * kv, L, d)
-            s = torch.baddbmm(mask, qk[:, :h].reshape(b * kv, g, d), ck.transpose(1, 2), alpha=scale)
+            q = qk[:, :h].reshape(b * kv, g, d)
+            if a.softcap is None:
+                s = torch.baddbmm(masks[a.window], q, ck.transpose(1, 2), alpha=scale)  # (B*KV, G, L)
+            else:   # Gemma 2: the cap applies to the scaled scores, before the mask
+                s = torch.tanh(torch.bmm(q, ck.transpose(1, 2)) * (scale / a.softcap)) * a.softcap + masks[a.window]
             o = torch.bmm(s.softmax(-1), cv)                                           # (B*KV, G, D)
-            x = x + a.o_proj.forward(o.view(b, h * d))
-            x = x + blk.mlp.forward(blk.post_attention_layernorm.forward(x))
+            x = blk.add_mlp(blk.add_attn(x, a.o_proj.forward(o.view(b, h * d))))
         return self.norm.forward(x)

@@ -182,7 +182,8 @@ def compute_ref_logps(model, pairs, *, token_budget: int | None = None, impl: st
                            cu_seqlens_host=host["cu_seqlens"])                              # (N, H)
             # targets are token ids, range-checked above: no per-batch device sync
             tok = linear_logprobs(hidden[scored], model.lm_head_weight, b["targets"][scored], impl=impl,
-                                  memory_budget_bytes=memory_budget_bytes, check_values=False)          # (R,)
+                                  memory_budget_bytes=memory_budget_bytes, check_values=False,
+                                  softcap=model.logit_softcap)                                          # (R,)
             nseq = host["cu_seqlens"].size - 1
             seq = torch.zeros(nseq, dtype=torch.float32, device=device).index_add_(
                 0, b["seq_index"][scored], tok.float())                                                 # (S,)

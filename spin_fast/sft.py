@@ -108,7 +108,8 @@ class SftTask:
         hidden = model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen,
                        cu_seqlens_host=host["cu_seqlens"])                              # (N, H)
         logps = linear_logprobs(hidden[scored], model.lm_head_weight, b["targets"][scored], impl=self.cfg.impl,
-                                memory_budget_bytes=self.cfg.logits_budget_mib << 20, check_values=False)  # (R,)
+                                memory_budget_bytes=self.cfg.logits_budget_mib << 20, check_values=False,
+                                softcap=model.logit_softcap)                                   # (R,)
         loss = -logps.sum() / normalizer
         if weight != 1.0:
             loss = loss * weight

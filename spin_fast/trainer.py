@@ -291,7 +291,8 @@ class SpinTask:
             hidden, model.lm_head_weight, b["targets"], b["seq_index"], b["chosen_index"], b["rejected_index"],
             self.ref_chosen[b["pair_ids"]], self.ref_rejected[b["pair_ids"]], beta=cfg.beta,
             loss_type=cfg.loss_type, normalizer=normalizer, impl=cfg.impl, rpo_alpha=cfg.rpo_alpha,
-            num_sequences=num_seqs, check_values=False, memory_budget_bytes=cfg.logits_budget_mib << 20)
+            num_sequences=num_seqs, check_values=False, memory_budget_bytes=cfg.logits_budget_mib << 20,
+            softcap=model.logit_softcap)
         if weight != 1.0:
             loss = loss * weight
         loss.backward()

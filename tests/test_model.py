@@ -202,9 +202,15 @@ def hf_dict(**over):
     ({"model_type": "gpt2"}, "model_type 'gpt2'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
-    ({"model_type": "mistral", "sliding_window": 64}, "sliding_window=64"),
-    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64}, "sliding"),
-    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"model_type": "gemma3"}, "text-only checkpoints are gemma3_text"),
+    ({"model_type": "llama", "final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0"),
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ({"model_type": "llama", "rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 4}},
+     "rope_type 'longrope'"),
+    ({"model_type": "phi3", "rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 3,
+                                                "original_max_position_embeddings": 16}}, "short_factor of 4"),
+    ({"model_type": "phi3", "partial_rotary_factor": 0.75}, "partial_rotary_factor"),
+    ({"hidden_act": "relu2"}, "hidden_act 'relu2'"),
     ({"num_key_value_heads": 3}, "multiple of"),
     ({"hidden_size": "32"}, "'hidden_size'"),
 ])
@@ -213,11 +219,19 @@ def test_unsupported_config_refused(over, needle):
         config_from_hf(hf_dict(**over))
     assert needle in str(e.value)
     if "model_type" in str(e.value) or "rope_type" in str(e.value):
-        assert "Supported" in str(e.value)
+        assert "Supported" in str(e.value) and "gemma3_text" in str(e.value)
 
 
-def test_mistral_window_not_in_effect_accepted():
-    assert config_from_hf(hf_dict(model_type="mistral", sliding_window=128)).model_type == "mistral"
+def test_sliding_windows_per_family():
+    """Which layers slide, as transformers' attention modules decide (tests/test_families.py checks the maths)."""
+    assert config_from_hf(hf_dict(model_type="mistral", sliding_window=64)).layer_windows == [64, 64]
+    assert config_from_hf(hf_dict(model_type="mistral", sliding_window=None)).layer_windows == [None, None]
+    q = hf_dict(model_type="qwen2", use_sliding_window=True, sliding_window=64, max_window_layers=1)
+    assert config_from_hf(q).layer_windows == [None, 64]
+    assert config_from_hf({**q, "use_sliding_window": False}).layer_windows == [None, None]
+    g = hf_dict(model_type="gemma3_text", num_hidden_layers=7, sliding_window=16)
+    assert config_from_hf(g).layer_windows == [16] * 5 + [None, 16]
+    assert config_from_hf(hf_dict(model_type="gemma2", sliding_window=16)).layer_windows == [16, None]
 
 
 @pytest.fixture

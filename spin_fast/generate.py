@@ -4,18 +4,18 @@
         [--temperature 1.0] [--top-p 1.0] [--top-k 0] [--batch-size 64] [--seed 0] [--greedy]
         [--max-prompt-length 512] [--truncation left|error] [--chat-template STR] [--skip-bad-rows]
 
-Also under `torchrun --nproc-per-node N -m spin_fast.generate ...`: each rank samples every N-th prompt,
-rank 0 writes. Output rows are in input order: {index, prompt_id, prompt, messages (+ the generated
-assistant turn), response, finish_reason, num_tokens}. Re-running with the same arguments appends only
-the prompts not yet in the output file; the seed key of a prompt is its row index, so a resumed run
-samples exactly what an uninterrupted one would have.
+Also under `torchrun --nproc-per-node N -m spin_fast.generate ...`: each rank samples every N-th prompt left and
+appends each finished row to its own shard OUT.rank{r}.jsonl; rank 0 merges the shards into OUT at the end
+(genfiles.py). Output rows are in input order: {index, prompt_id, prompt, messages (+ the generated assistant
+turn), response, finish_reason, num_tokens}. A killed run keeps every row written; re-running with the same
+arguments (any number of ranks) generates only the prompts not yet in the output file or its shards; the seed key
+of a prompt is its row index, so a resumed run samples exactly what an uninterrupted one would have.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -26,10 +26,11 @@ import torch
 from .chat import RenderError, render_prompt
 from .errors import InputError
 from .hf_io import load_model, load_tokenizer
+from .genfiles import RowWriter, merge, read_done, shard_path
 from .integrity import OutputLock, dumps
 from .rows import BadRow, load_prompts
 from .runtime import fault_point, init_runtime, on_rank0, run_main, shutdown
-from .sampler import Sampler, SamplingParams, generate_sharded
+from .sampler import Sampler, SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,28 +81,6 @@ def check_args(args) -> None:
     need(all(args.stop), "stop", "stop strings must not be empty", args.stop)
     need(not Path(args.output).is_dir(), "output", "is a folder; the output is a .jsonl file", args.output)
     need(Path(args.model).is_dir(), "model", "must be a Hugging Face model folder", args.model)
-
-
-def read_done(path: Path) -> dict[int, str]:
-    """{row index: prompt_id} already in the output file. A torn last line (a killed run) is cut off."""
-    done = {}
-    if not path.exists():
-        return done
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):                      # partial trailing line: drop it so appends stay valid jsonl
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    for lineno, line in enumerate(data[:end].splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            done[int(row["index"])] = str(row["prompt_id"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise InputError(f"{path}:{lineno}: not a row written by spin_fast.generate ({e!r}); "
-                             f"use a fresh --output") from None
-    return done
 
 
 def eos_ids(model_dir: Path, model, tokenizer) -> list[int]:
@@ -206,29 +185,40 @@ def run(args, rt) -> dict:
             out["token_ids"], out["logprobs"] = g.token_ids, g.logprobs
         return out
 
-    if rank == 0:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-    with (open(out_path, "a", encoding="utf-8") if rank == 0 else open(os.devnull, "w")) as f:
-        def write(r, g):
-            nonlocal n_tokens
-            reasons[g.finish_reason] += 1
-            n_tokens += len(g.token_ids)
-            f.write(json.dumps(row_of(r, g), ensure_ascii=False) + "\n")
-            f.flush()
-            fault_point("generate", sum(reasons.values()))
-        if world == 1:
-            # stream in input order: buffer completions until the next row in order is there
-            pending, nxt = {}, 0
-            for g in sampler.stream(prompts, params, keys, progress=not args.no_progress):
-                pending[g.index] = g
-                while nxt in pending:
-                    write(kept[nxt], pending.pop(nxt))
-                    nxt += 1
-        else:
-            gens = generate_sharded(sampler, prompts, params, keys, progress=not args.no_progress)
-            if rank == 0:
-                for r, g in zip(kept, gens):
-                    write(r, g)
+    if world == 1:
+        # stream in input order: buffer completions until the next row in order is there
+        writer, order = RowWriter(out_path), range(len(kept))
+    else:
+        # rank r: every world-th prompt left, appended in completion order to its own shard (merged at the end)
+        writer, order = RowWriter(shard_path(out_path, rank)), range(rank, len(kept), world)
+    mine = list(order)
+
+    def emit(j, g):
+        nonlocal n_tokens
+        reasons[g.finish_reason] += 1
+        n_tokens += len(g.token_ids)
+        writer.write(row_of(kept[mine[j]], g))
+        fault_point("generate", sum(reasons.values()))
+
+    try:
+        pending, nxt = {}, 0
+        for g in sampler.stream([prompts[i] for i in mine], params, [keys[i] for i in mine],
+                                progress=not args.no_progress and rank == 0):
+            if world > 1:
+                emit(g.index, g)
+                continue
+            pending[g.index] = g
+            while nxt in pending:
+                emit(nxt, pending.pop(nxt))
+                nxt += 1
+    finally:
+        writer.close()
+    if world > 1:               # every shard complete, then one file in input order (rank 0), everyone waits
+        torch.distributed.barrier()
+        totals = [None] * world
+        torch.distributed.all_gather_object(totals, (dict(reasons), n_tokens))
+        reasons, n_tokens = sum((Counter(r) for r, _ in totals), Counter()), sum(n for _, n in totals)
+    on_rank0(rt, lambda: merge(out_path))
     dt = time.perf_counter() - t0
     summary = {"rows": n_rows, "already_done": len(done), "generated": len(kept), **bad.summary(),
                "truncated_prompts": truncated, "finish_reasons": dict(reasons),

@@ -164,3 +164,39 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[:3000]
     assert read(tmp_path / "two.jsonl") == read(tmp_path / "one.jsonl")
+
+
+@pytest.mark.slow
+def test_torchrun_killed_keeps_each_ranks_rows_and_resumes(tmp_path):
+    """2 gloo ranks, rank 1 SIGKILLed after its 4th row: the rows both ranks wrote survive in their shards; the
+    same command again generates only the rest, and the merged file equals an uninterrupted run's."""
+    rows = [{"prompt": f"Tell me a story about {w}.", "prompt_id": f"p{i}"}
+            for i, w in enumerate("cat dog sun ball tree fish bird cake frog ship moon rain".split())]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    run(data, tmp_path / "one.jsonl", "--temperature", "1.0", "--seed", "5")
+    out = tmp_path / "two.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "spin_fast.generate", "--model", str(STORIES), "--data", str(data), "--output", str(out),
+           "--max-new-tokens", "12", "--batch-size", "2", "--chat-template", TEMPLATE, "--no-progress",
+           "--temperature", "1.0", "--seed", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPIN_FAST_FAULT": "generate:4@1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode != 0 and "SIGKILL at generate:4 on rank 1" in res.stderr, res.stderr[-3000:]
+    shards = {r: out.with_name(f"two.rank{r}.jsonl") for r in (0, 1)}
+    kept, per_rank = {}, {}
+    for r, path in shards.items():
+        data_ = path.read_bytes()
+        lines = data_[:data_.rfind(b"\n") + 1].decode().splitlines()             # (a torn last line is cut)
+        per_rank[r] = {json.loads(x)["index"]: json.loads(x) for x in lines}
+        kept.update(per_rank[r])
+    assert not out.exists()
+    assert len(per_rank[1]) == 4 and all(i % 2 == 1 for i in per_rank[1])     # rank 1: rows 1, 3, 5, ... as done
+    assert all(i % 2 == 0 for i in per_rank[0])                                # (+ what rank 0 had finished)
+    env.pop("SPIN_FAST_FAULT")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads([x for x in res.stderr.splitlines() if x.startswith("{")][-1])
+    assert summary["already_done"] == len(kept) and summary["generated"] == len(rows) - len(kept)
+    assert read(out) == read(tmp_path / "one.jsonl")
+    assert all(read(out)[i] == row for i, row in kept.items())                   # not regenerated, kept as written
+    assert not any(p.exists() for p in shards.values())                         # merged, then removed

@@ -31,6 +31,26 @@ def assert_oracle_close(name, impl_val, torch_same_dtype_val, fp64_val, dtype):
                                f"{err_torch:.3e} + tol = {bound:.3e}")
 
 
+def assert_elementwise_close(name, impl_val, torch_same_dtype_val, fp64_val, dtype, tol=None):
+    """Cut Cross-Entropy's criterion, per element: |impl - fp64| <= |torch same dtype - fp64| + tol * |fp64|_max.
+
+    Stricter than the max-norm form: an impl cannot hide a wrong element behind torch's worst element elsewhere."""
+    ref = fp64_val.detach().double().cpu()
+    err_impl = (impl_val.detach().double().cpu() - ref).abs()
+    err_torch = (torch_same_dtype_val.detach().double().cpu() - ref).abs()
+    # + one unit in the last place of the output's dtype at the element's magnitude: both sides round their fp32
+    # accumulator to that dtype, and a last-bit difference in the accumulation order flips a value that sits near
+    # a rounding midpoint to the other neighbour (a whole bf16 ulp, even where torch happens to be exact).
+    ulp = torch.finfo(impl_val.dtype).eps * ref.abs() if impl_val.dtype != torch.float64 else 0.0
+    bound = err_torch + (TOL[dtype] if tol is None else tol) * scale_of(ref) + ulp
+    bad = err_impl > bound
+    if bad.any():
+        idx = tuple(int(i) for i in torch.unravel_index((err_impl - bound).flatten().argmax(), err_impl.shape))
+        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements fail |impl - fp64| <= "
+                             f"|torch {dtype} - fp64| + tol; worst at {idx}: impl err {err_impl[idx]:.3e}, torch "
+                             f"err {err_torch[idx]:.3e}, bound {bound[idx]:.3e}")
+
+
 def random_packed_batch(num_pairs, num_unpaired, max_len, hidden_size, vocab, dtype, seed, long_pair_len=0,
                         all_ignored_sequence=False):
     """A packed micro-batch with pairs in shuffled positions, prompt tokens ignored, ragged lengths.

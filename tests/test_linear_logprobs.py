@@ -5,7 +5,7 @@ import torch
 from spin_fast.kernels import chunk_rows, linear_logprobs
 from spin_fast.loss import reference_token_logprobs
 
-from helpers import assert_oracle_close, max_err, needs_triton, on_impl_device
+from helpers import assert_elementwise_close, max_err, needs_triton, on_impl_device
 
 # (N, H, V): N=1, N=47, H=31, V=123 not a multiple of any block, 3x47 tokens (B x T flattened), V > a block.
 SHAPES = [(1, 16, 16), (47, 31, 123), (141, 31, 123), (64, 32, 200), (5, 7, 3)]
@@ -62,9 +62,9 @@ def test_matches_fp64_oracle(impl, dtype, shape):
     assert out.dtype == torch.float32 and out.shape == (n,)
     assert dh.dtype == dtype and dw.dtype == dtype
     assert (out[targets == -100] == 0).all()
-    assert_oracle_close("logps", out, base, ref, dtype)
-    assert_oracle_close("dhidden", dh, base_dh, ref_dh, dtype)
-    assert_oracle_close("dweight", dw, base_dw, ref_dw, dtype)
+    assert_elementwise_close("logps", out, base, ref, dtype)
+    assert_elementwise_close("dhidden", dh, base_dh, ref_dh, dtype)
+    assert_elementwise_close("dweight", dw, base_dw, ref_dw, dtype)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -90,9 +90,9 @@ def test_softcap_matches_fp64_oracle(impl, dtype, shape):
         hidden, weight, targets, upstream)
     uncapped = reference_token_logprobs(hidden.double(), weight.double(), targets, compute_dtype=torch.float64)
     assert max_err(uncapped, ref) > 0.1               # the cap changes the answer by far more than the tolerance
-    assert_oracle_close("logps", out.cpu(), base, ref, dtype)
-    assert_oracle_close("dhidden", dh, base_dh, ref_dh, dtype)
-    assert_oracle_close("dweight", dw, base_dw, ref_dw, dtype)
+    assert_elementwise_close("logps", out.cpu(), base, ref, dtype)
+    assert_elementwise_close("dhidden", dh, base_dh, ref_dh, dtype)
+    assert_elementwise_close("dweight", dw, base_dw, ref_dw, dtype)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -7,7 +7,7 @@ import torch
 from spin_fast.kernels import spin_loss_from_hidden
 from spin_fast.loss import reference_spin_loss_from_hidden, reference_sequence_logps, reference_token_logprobs
 
-from helpers import TOL, assert_oracle_close, needs_triton, on_impl_device, random_packed_batch
+from helpers import TOL, assert_elementwise_close, needs_triton, on_impl_device, random_packed_batch
 
 IMPLS = ["torch", pytest.param("triton", marks=needs_triton)]
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -85,11 +85,11 @@ def check_against_oracle(impl, dtype, loss_type, layout, rpo_alpha):
     o_loss, o_metrics, o_dh, o_dw = oracle(batch, ref_c, ref_r, **kw)
     b_loss, b_metrics, b_dh, b_dw = same_dtype_torch(batch, ref_c.to(dtype), ref_r.to(dtype), **kw)
     assert loss.dtype == torch.float32 and dh.dtype == dtype and dw.dtype == dtype
-    assert_oracle_close("loss", loss, b_loss, o_loss, dtype)
-    assert_oracle_close("dhidden", dh, b_dh, o_dh, dtype)
-    assert_oracle_close("dweight", dw, b_dw, o_dw, dtype)
+    assert_elementwise_close("loss", loss, b_loss, o_loss, dtype)
+    assert_elementwise_close("dhidden", dh, b_dh, o_dh, dtype)
+    assert_elementwise_close("dweight", dw, b_dw, o_dw, dtype)
     for key in METRIC_KEYS:
-        assert_oracle_close(key, metrics[key], b_metrics[key], o_metrics[key], dtype)
+        assert_elementwise_close(key, metrics[key], b_metrics[key], o_metrics[key], dtype)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -111,11 +111,11 @@ def test_softcap_matches_fp64_oracle(impl, dtype, layout):
     b_loss, b_metrics, b_dh, b_dw = same_dtype_torch(batch, ref_c.to(dtype), ref_r.to(dtype), **kw)
     plain = oracle(batch, ref_c, ref_r, beta=0.5, loss_type="sigmoid")
     assert abs(plain[0].item() - o_loss.item()) > 1e-3                 # the cap matters at this scale
-    assert_oracle_close("loss", loss, b_loss, o_loss, dtype)
-    assert_oracle_close("dhidden", dh, b_dh, o_dh, dtype)
-    assert_oracle_close("dweight", dw, b_dw, o_dw, dtype)
+    assert_elementwise_close("loss", loss, b_loss, o_loss, dtype)
+    assert_elementwise_close("dhidden", dh, b_dh, o_dh, dtype)
+    assert_elementwise_close("dweight", dw, b_dw, o_dw, dtype)
     for key in METRIC_KEYS:
-        assert_oracle_close(key, metrics[key], b_metrics[key], o_metrics[key], dtype)
+        assert_elementwise_close(key, metrics[key], b_metrics[key], o_metrics[key], dtype)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -52,6 +52,20 @@ class DataCfg:
 
 
 @dataclass
+class LoraCfg:
+    rank: int = _f(0, "LoRA rank r of every adapter (0: off, full fine-tuning); the base is frozen and is SPIN's "
+                      "reference, so there is never a second model (see spin_fast/lora.py)")
+    alpha: float = _f(16.0, "LoRA alpha: the update is (alpha / rank) B A x")
+    dropout: float = _f(0.0, "dropout on the adapters' input in [0, 1) (training only)")
+    targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                            "decoder-block linear layers given adapters (any of q_proj k_proj v_proj o_proj "
+                            "gate_proj up_proj down_proj; commas split names); lm_head is refused")
+    save_peft: bool = _f(False, "also write the adapters in PEFT's format (OUTPUT/.../adapter/: adapter_config.json "
+                                "+ adapter_model.safetensors) for the iteration's starting model; the HF folder "
+                                "always holds the merged weights")
+
+
+@dataclass
 class TrainCfg:
     beta: float = _f(0.1, "SPIN/DPO inverse temperature beta (> 0)")
     loss_type: str = _f("sigmoid", "sigmoid (SPIN's logistic loss) | hinge")
@@ -83,6 +97,7 @@ class TrainCfg:
     max_bad_steps: int = _f(0, "steps with a non-finite loss or grad norm tolerated per phase (their gradient is "
                                "zeroed on device: no update with RMSprop, momentum only with AdamW); one more stops "
                                "the phase naming the step (0: the first one stops it)")
+    lora: LoraCfg = field(default_factory=LoraCfg, metadata={"help": "LoRA SPIN (train.lora.rank > 0)"})
 
 
 @dataclass
@@ -175,6 +190,8 @@ class Config:
         need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0", t.checkpoint_every)
         need(t.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0", t.max_bad_steps)
         need(t.beta > 0, "train.beta", "must be > 0", t.beta)
+        from .lora import validate as validate_lora
+        validate_lora(t.lora)
         need(math.isfinite(t.rpo_alpha) and t.rpo_alpha >= 0, "train.rpo_alpha", "must be finite and >= 0",
              t.rpo_alpha)
         need(t.lr > 0, "train.lr", "must be > 0", t.lr)

@@ -153,7 +153,7 @@ def save_model(model: Transformer, out_dir, tokenizer=None, source_dir=None, max
     if state_dict is None:
         tensors = state_dict_hf(model)                  # still on the model's device
     else:
-        names = {n for n, _ in model.named_parameters()}
+        names = {n for n, _ in model.named_parameters() if ".lora." not in n}   # LoRA: merged state (lora.py)
         if set(state_dict) != names:
             raise ValueError(f"state_dict keys differ from the model's parameters: missing "
                              f"{sorted(names - set(state_dict))[:4]}, unexpected {sorted(set(state_dict) - names)[:4]}")

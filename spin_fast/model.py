@@ -126,7 +126,13 @@ class Linear(nn.Linear):
     """
     packed = None
 
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.lora = None            # a lora.LoraAdapter when LoRA targets this layer (lora.attach)
+
     def forward(self, x):
+        if self.lora is not None:   # W x + b + (alpha/r) B A dropout(x); never prepacked (cpu_prepacked refuses)
+            return super().forward(x) + self.lora(x)
         if self.packed is not None and not torch.is_grad_enabled():
             return _packed_linear(x, self.packed, self.bias)
         return super().forward(x)
@@ -354,7 +360,9 @@ class Transformer(nn.Module):
         """Inference on CPU with prepacked fp32 weights (see Linear). A no-op off CPU or without oneDNN.
         Holds a second copy of the weights while active: for sampling, not for training."""
         if self.lm_head_weight.device.type != "cpu" or not cpu_prepack_available() \
-                or self.lm_head_weight.dtype != torch.float32:
+                or self.lm_head_weight.dtype != torch.float32 \
+                or any(getattr(m, "lora", None) is not None for m in self.modules()):
+            # (with LoRA adapters the fused q/k/v and gate/up paths would skip them: plain forward instead)
             yield self
             return
         attns = [blk.self_attn for blk in self.layers]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import refcache
+from . import lora, refcache
 from .config import Config
 from .hf_io import load_model, save_model
 from .runtime import Runtime
@@ -30,11 +30,15 @@ def _save_dtype(cfg: Config, model_dir: Path, master: torch.dtype) -> torch.dtyp
     return DTYPES.get(hf.get("dtype") or hf.get("torch_dtype"), master)
 
 
-def _load_prepared(cfg: Config, rt: Runtime, model_dir: Path, train_cfg):
+def _load_prepared(cfg: Config, rt: Runtime, model_dir: Path, train_cfg, lora_cfg=None):
     """The starting model on this rank, prepared for training (checkpointing -> compile -> FSDP2).
-    Returns (model, master dtype, compute dtype)."""
+    lora_cfg (train.lora, rank > 0): freeze the loaded weights (the merged opponent pi_t) and attach fresh
+    adapters, B = 0, so the model still IS pi_t for the reference cache (lora.py). Returns (model, master dtype,
+    compute dtype)."""
     master = DTYPES[cfg.model.dtype]
     model = load_model(model_dir, device=rt.device, dtype=master, attn_backend=cfg.model.attn_backend)
+    if lora.enabled(lora_cfg):
+        lora.attach(model, lora_cfg, seed=cfg.seed)
     compute_dtype = compute_dtype_for(cfg.model.mixed_precision, rt.device, master)
     prepare_model(model, train_cfg, distributed=rt.distributed, compute_dtype=compute_dtype)
     return model, master, compute_dtype
@@ -50,10 +54,17 @@ def _open_metrics(rt: Runtime, out_dir: Path, *, keep: bool, tensorboard: bool) 
     return MetricsLog(out_dir / "metrics.jsonl", out_dir / "tb" if tensorboard else None)
 
 
-def _save_trained(cfg: Config, rt: Runtime, model, model_dir: Path, out_dir: Path, master: torch.dtype) -> float:
-    """Gather the weights to rank 0, write the HF folder, and wait until it is complete; returns seconds."""
+def _save_trained(cfg: Config, rt: Runtime, model, model_dir: Path, out_dir: Path, master: torch.dtype,
+                  lora_cfg=None) -> float:
+    """Gather the weights to rank 0, write the HF folder, and wait until it is complete; returns seconds.
+    LoRA: the folder holds the merged weights W + (alpha/r) B A (the next iteration's opponent and base);
+    train.lora.save_peft also writes out_dir/adapter in PEFT's format (for model_dir, this phase's base)."""
     t0 = time.perf_counter()
     state = gather_full_state_dict(model, rt.distributed)
+    if rt.is_main and lora.enabled(lora_cfg):
+        if lora_cfg.save_peft:
+            lora.save_peft(state, lora_cfg, model.config, out_dir / "adapter", base_model=str(model_dir))
+        state = lora.merged_state_dict(state, lora_cfg)
     if rt.is_main:
         save_model(model, out_dir, source_dir=model_dir, state_dict=state, dtype=_save_dtype(cfg, model_dir, master))
     if rt.distributed:
@@ -67,7 +78,7 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
     heldout: a PairSet of held-out prompts (human answer vs the opponent's): after training, the discriminator
     check. checkpoint_dir: resume from / save checkpoints there (cfg.train.checkpoint_every).
     Returns the phase summary (also what summary.json holds)."""
-    model, master, compute_dtype = _load_prepared(cfg, rt, model_dir, cfg.train)
+    model, master, compute_dtype = _load_prepared(cfg, rt, model_dir, cfg.train, lora_cfg=cfg.train.lora)
 
     # 1. reference log-probs of the opponent (= these very weights, before the first step), once per iteration
     t0 = time.perf_counter()
@@ -99,7 +110,7 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
     held = heldout_check(model, heldout, held_ref, cfg, rt) if heldout is not None else None
 
     # 3. the trained policy as an HF folder
-    save_s = _save_trained(cfg, rt, model, model_dir, out_dir, master)
+    save_s = _save_trained(cfg, rt, model, model_dir, out_dir, master, lora_cfg=cfg.train.lora)
     return {
         "pairs": pairs.num_pairs, "world_size": rt.world, "device": str(rt.device),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),

@@ -177,8 +177,10 @@ def prepare_model(model, cfg, *, distributed: bool, compute_dtype: torch.dtype):
     if cfg.compile:
         for blk in model.layers:
             blk.compile(dynamic=True)       # packed micro-batches change N every step: no recompiles
-    for p in model.parameters():
-        p.requires_grad_(True)
+    from .lora import has_adapters
+    if not has_adapters(model):     # LoRA (lora.attach): the base stays frozen, only the adapters train
+        for p in model.parameters():
+            p.requires_grad_(True)
     if distributed:
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
         param_dtype = next(model.parameters()).dtype

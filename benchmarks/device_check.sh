@@ -21,6 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+unset TRITON_INTERPRET      # compiled kernels on the device (tests/conftest.py sets it only when there is no GPU)
 OUT="${OUT:-/tmp/device_check_out}"
 DEV=".device"
 DRY=0

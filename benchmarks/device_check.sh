@@ -26,8 +26,8 @@ OUT="${OUT:-/tmp/device_check_out}"
 DEV=".device"
 DRY=0
 # step budgets (seconds); the whole run must fit a 600 s device call with room for start-up and copying
-T_ENV=${T_ENV:-45} T_KERNELS=${T_KERNELS:-120} T_BENCH_LOSS=${T_BENCH_LOSS:-100} T_LOOP=${T_LOOP:-120}
-T_SAMPLER=${T_SAMPLER:-90}
+T_ENV=${T_ENV:-40} T_KERNELS=${T_KERNELS:-100} T_BENCH_LOSS=${T_BENCH_LOSS:-150} T_LOOP=${T_LOOP:-100}
+T_SAMPLER=${T_SAMPLER:-85}
 BUDGET=480
 
 case "${1:-}" in

@@ -131,6 +131,12 @@ class LoopCfg:
     continued_sft_baseline: bool = _f(False, "also train continued SFT for the same tokens per iteration (ablation)")
 
 @dataclass
+class DemoCfg:
+    task: str = _f("hmm", "the built-in demo's task (no model, no data given): hmm (a sparse hidden Markov model, "
+                          "p_data known exactly, many valid answers) | exact_match (string transformations)")
+
+
+@dataclass
 class Config:
     model: ModelCfg = field(default_factory=ModelCfg, metadata={"help": "the starting model"})
     data: DataCfg = field(default_factory=DataCfg, metadata={"help": "the training pairs"})
@@ -138,6 +144,7 @@ class Config:
     generate: GenerateCfg = field(default_factory=GenerateCfg, metadata={"help": "the generation phase"})
     sft: SftCfg = field(default_factory=SftCfg, metadata={"help": "an optional SFT phase before iteration 0"})
     loop: LoopCfg = field(default_factory=LoopCfg, metadata={"help": "the SPIN loop"})
+    demo: DemoCfg = field(default_factory=DemoCfg, metadata={"help": "the built-in demo (spin_fast.demo_run)"})
     output: str | None = _f(None, "output folder: HF model, metrics.jsonl, summary.json, reference cache")
     seed: int = _f(0, "seed of the data order (and of sampling, in the loop)")
     device: str = _f("auto", "auto (cuda:LOCAL_RANK when available, else cpu) | cpu | cuda")

@@ -30,6 +30,15 @@ from .runtime import Runtime
 log = logging.getLogger("spin_fast.demo")
 
 N_TRAIN, N_HELDOUT = 3000, 300
+TASKS = ("hmm", "exact_match")
+# the hmm task (spin_fast/hmm_task.py): |x| = 5, |y| <= 8 letters; the model's samples at temperature 1 are what
+# SPIN pushes away from (its opponent samples p_theta itself, as in the paper) and what quality is measured on
+HMM_DEFAULTS = {
+    ("data", "max_length"): 32, ("data", "max_prompt_length"): 16, ("generate", "max_new_tokens"): 10,
+    ("generate", "temperature"): 1.0, ("sft", "epochs"): 6,
+    ("train", "loss_type"): "sigmoid", ("train", "beta"): 0.1, ("train", "lr"): 1e-4,
+}
+HMM_SAMPLES = 2          # samples per held-out prompt from p_data and from p_theta, for the metrics
 # key -> demo value, applied only where the user kept the library default
 DEMO_DEFAULTS = {
     ("data", "max_length"): 48, ("data", "max_prompt_length"): 24,
@@ -47,8 +56,12 @@ DEMO_DEFAULTS = {
 
 
 def _apply_defaults(cfg: Config) -> Config:
+    from .errors import InputError
+    if cfg.demo.task not in TASKS:
+        raise InputError(f"demo.task: one of {' | '.join(TASKS)}, got {cfg.demo.task!r}")
     given = explicit_keys(cfg)
-    for (section, key), value in DEMO_DEFAULTS.items():
+    defaults = {**DEMO_DEFAULTS, **(HMM_DEFAULTS if cfg.demo.task == "hmm" else {})}
+    for (section, key), value in defaults.items():
         if f"{section}.{key}" not in given:
             setattr(getattr(cfg, section), key, value)
     return cfg.validate()
@@ -63,7 +76,11 @@ def prepare_demo(cfg: Config, rt: Runtime):
     if rt.is_main and not (assets / "model" / "config.json").is_file():
         tmp = out / "demo_assets.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        rows = demo.make_rows(N_TRAIN + cfg.loop.heldout, seed=cfg.seed)
+        if cfg.demo.task == "hmm":
+            from . import hmm_task
+            rows = hmm_task.make_rows(hmm_task.make_hmm(cfg.seed), N_TRAIN + cfg.loop.heldout, seed=cfg.seed)
+        else:
+            rows = demo.make_rows(N_TRAIN + cfg.loop.heldout, seed=cfg.seed)
         demo.write_jsonl(tmp / "rows.jsonl", rows)
         tok = demo.build_tokenizer(tmp / "model")
         demo.init_model(tmp / "model", tok, hidden=64, layers=2, heads=4, seed=cfg.seed)
@@ -74,8 +91,8 @@ def prepare_demo(cfg: Config, rt: Runtime):
     cfg.model.path = str(assets / "model")
     cfg.data.sft = [str(assets / "rows.jsonl")]
     if rt.is_main:
-        log.info("demo: %d task rows (%d held out), tiny Llama in %s; SFT %d epochs, then %d SPIN iterations",
-                 N_TRAIN + cfg.loop.heldout, cfg.loop.heldout, assets, cfg.sft.epochs, cfg.loop.iterations)
+        log.info("demo (%s): %d task rows (%d held out), tiny Llama in %s; SFT %d epochs, then %d SPIN iterations",
+                 cfg.demo.task, N_TRAIN + cfg.loop.heldout, cfg.loop.heldout, assets, cfg.sft.epochs, cfg.loop.iterations)
     return cfg, lambda model_dir: evaluate(cfg, rt, Path(model_dir))
 
 
@@ -86,8 +103,35 @@ def evaluate(cfg: Config, rt: Runtime, model_dir: Path) -> dict:
     rows = [r for _, r in read_rows(Path(cfg.output) / "data" / "heldout.jsonl")]
     model = load_model(model_dir, device=rt.device)
     tok = load_tokenizer(model_dir)
+    if cfg.demo.task == "hmm":
+        return evaluate_hmm(cfg, model, tok, rows)
     res = demo.exact_match(model, tok, rows, max_new_tokens=cfg.generate.max_new_tokens)
     return {"accuracy": res["accuracy"], "n": res["n"], "by_kind": res["by_kind"]}
+
+
+def evaluate_hmm(cfg: Config, model, tok, rows: list[dict]) -> dict:
+    """The distances to p_data on the held-out prompts (hmm_task.distribution_metrics), from HMM_SAMPLES samples
+    per prompt of p_data (the same ones for every model: common random numbers) and of p_theta (temperature 1,
+    a fixed seed: sampled by our Sampler, sharded over the ranks)."""
+    import numpy as np
+    from . import hmm_task
+    from .chat import render_prompt
+    from .sampler import Sampler, SamplingParams, generate_sharded
+    hmm = hmm_task.make_hmm(cfg.seed)
+    xs = [r["prompt"] for r in rows for _ in range(HMM_SAMPLES)]
+    rng = np.random.default_rng(10_000 + cfg.seed)
+    ys_data = [hmm.sample(rng, x) for x in xs]
+    prompts = [render_prompt(tok, [{"role": "user", "content": x}]) for x in xs]
+    sampler = Sampler(model, batch_size=256, eos_token_ids=[tok.eos_token_id], tokenizer=tok)
+    gens = generate_sharded(sampler, prompts, SamplingParams(max_new_tokens=hmm.max_answer_len + 1, seed=7),
+                            keys=list(range(len(xs))))
+    # an answer that ran past the longest valid length never ended: invalid, whatever its letters
+    ys_model = [g.text if g.finish_reason == "stop" else "\x00" for g in gens]
+    m = hmm_task.distribution_metrics(
+        [hmm.logp(x, y) for x, y in zip(xs, ys_data)], hmm_task.response_logps(model, tok, xs, ys_data),
+        [hmm.logp(x, y) for x, y in zip(xs, ys_model)], hmm_task.response_logps(model, tok, xs, ys_model))
+    return {**m, "examples": [{"prompt": x, "data": yd, "model": ym} for x, yd, ym in
+                              list(zip(xs, ys_data, ys_model))[:6]]}
 
 
 def finish_demo(cfg: Config, rt: Runtime, tokenizer, summaries: list[dict], evaluate) -> dict:
@@ -119,23 +163,31 @@ def finish_demo(cfg: Config, rt: Runtime, tokenizer, summaries: list[dict], eval
                 publish(rt, tmp, final, {"phase": "continued_sft", "iteration": t, **res})
             baseline.append(json.loads((final / "summary.json").read_text()))
             prev = final
-    rows = [{"model": "SFT start", "spin_em": (sft or {}).get("eval", {}).get("accuracy"),
-             "continued_sft_em": (sft or {}).get("eval", {}).get("accuracy"), "heldout_acc": None,
+    hmm = cfg.demo.task == "hmm"
+    # per task: (summary key in eval, column title); hmm: lower forward KL / higher quality and validity is better
+    cols = ([("forward_kl", "KL(pd||pt)"), ("reverse_kl_valid", "KL(pt||pd)"), ("quality", "E_pt log pd"),
+             ("validity", "valid")] if hmm else [("accuracy", "EM")])
+    ev = lambda s: (s or {}).get("eval", {})  # noqa: E731
+    rows = [{"model": "SFT start", "spin": ev(sft), "continued_sft": ev(sft), "heldout_acc": None,
              "heldout_margin": None, "train_tokens": None}]
     for i, s in enumerate(spin):
         b = baseline[i] if i < len(baseline) else {}
         h = s.get("heldout") or {}
-        rows.append({"model": f"iteration {s['iteration']}", "spin_em": s.get("eval", {}).get("accuracy"),
-                     "continued_sft_em": b.get("eval", {}).get("accuracy"), "heldout_acc": h.get("accuracy"),
-                     "heldout_margin": h.get("mean_margin"), "train_tokens": s["train"]["tokens"]})
-    report = {"rows": rows, "n_heldout": cfg.loop.heldout}
+        rows.append({"model": f"iteration {s['iteration']}", "spin": ev(s), "continued_sft": ev(b),
+                     "heldout_acc": h.get("accuracy"), "heldout_margin": h.get("mean_margin"),
+                     "train_tokens": s["train"]["tokens"]})
+    for r in rows:                              # the old flat keys, kept for the exact-match task's readers
+        r["spin_em"], r["continued_sft_em"] = r["spin"].get("accuracy"), r["continued_sft"].get("accuracy")
+    report = {"task": cfg.demo.task, "rows": rows, "n_heldout": cfg.loop.heldout}
     if rt.is_main:
         write_json(out / "demo.json", report)
         fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
-        lines = ["", f"held-out exact match ({cfg.loop.heldout} prompts):",
-                 f"{'model':<14}{'SPIN':>8}{'cont. SFT':>11}{'disc. acc':>11}{'margin':>9}"]
+        title = ("distance to p_data" if hmm else "exact match") + f" on {cfg.loop.heldout} held-out prompts"
+        head = f"{'model':<13}" + "".join(f"{'SPIN ' + c:>17}{'cSFT ' + c:>17}" for _, c in cols)
+        lines = ["", title + " (SPIN vs continued SFT at equal tokens):", head + f"{'disc.acc':>9}{'margin':>8}"]
         for r in rows:
-            lines.append(f"{r['model']:<14}{fmt(r['spin_em']):>8}{fmt(r['continued_sft_em']):>11}"
-                         f"{fmt(r['heldout_acc']):>11}{fmt(r['heldout_margin']):>9}")
+            lines.append(f"{r['model']:<13}" + "".join(f"{fmt(r['spin'].get(k)):>17}{fmt(r['continued_sft'].get(k)):>17}"
+                                                      for k, _ in cols)
+                         + f"{fmt(r['heldout_acc']):>9}{fmt(r['heldout_margin']):>8}")
         print("\n".join(lines), flush=True)
     return report

@@ -5,7 +5,8 @@ finished iteration (not iter{t}.tmp / .work), and, when there, sft/summary.json,
 demo.json. Writes into DIR (default OUTPUT/report): training.png (per-step loss, reward margins and accuracies,
 log-probs over the global step), throughput.png (tokens/s per phase and end to end), wall_time.png (seconds per
 phase, stacked), heldout.png (the held-out discriminator check), eval.png (exact match: SFT start, SPIN, the
-continued-SFT baseline) and summary.md (one row per iteration). A plot without data is skipped and said so.
+continued-SFT baseline), distance.png (the hmm demo: (a) quality and validity of the model's samples, (b)
+coverage, (c) forward and reverse KL to p_data, SPIN vs continued SFT) and summary.md (one row per iteration). A plot without data is skipped and said so.
 matplotlib draws on its Agg canvas without pyplot, leaving the process-wide backend alone.
 """
 from __future__ import annotations
@@ -186,15 +187,18 @@ def plot_heldout(run: dict):
     return fig
 
 
-def _eval_series(run: dict) -> tuple[list, list]:
-    """(SPIN points, continued-SFT points) as (x, accuracy), the SFT start at x = -1 in both."""
-    start = _get(run["sft"], "eval", "accuracy")
+def _eval_series(run: dict, key: str = "accuracy") -> tuple[list, list]:
+    """(SPIN points, continued-SFT points) as (x, eval[key]), the SFT start at x = -1 in both."""
+    start = _get(run["sft"], "eval", key)
     demo_rows = {r.get("model"): r for r in _get(run["demo"], "rows") or []}
-    spin = [(t, _get(s, "eval", "accuracy")) for t, s, _ in run["iterations"]]
+    spin = [(t, _get(s, "eval", key)) for t, s, _ in run["iterations"]]
     cont = []
     for t, _, _ in run["iterations"]:
-        v = _get(run["continued"].get(t), "eval", "accuracy")
-        cont.append((t, v if v is not None else _get(demo_rows.get(f"iteration {t}"), "continued_sft_em")))
+        v = _get(run["continued"].get(t), "eval", key)
+        if v is None:
+            row = demo_rows.get(f"iteration {t}")
+            v = _get(row, "continued_sft", key) if key != "accuracy" else _get(row, "continued_sft_em")
+        cont.append((t, v))
     head = [(-1, start)] if start is not None else []
     return ([(x, v) for x, v in head + spin if v is not None], [(x, v) for x, v in head + cont if v is not None])
 
@@ -213,6 +217,37 @@ def plot_eval(run: dict):
     ax.set_xticks(xs, ["SFT" if x < 0 else str(x) for x in xs])
     ax.set(title="held-out exact match", xlabel="iteration", ylabel="accuracy", ylim=(-0.02, 1.02))
     ax.legend()
+    return fig
+
+
+DISTANCES = (("quality", "(a) E_{y~p_theta} log p_data(y|x)  (quality)"),
+             ("validity", "(a) validity of the model's samples"),
+             ("coverage", "(b) E_{y~p_data} log p_theta(y|x)  (coverage)"),
+             ("forward_kl", "(c) KL(p_data || p_theta)"),
+             ("reverse_kl_valid", "(c) KL(p_theta | valid || p_data)"))
+
+
+def plot_distance(run: dict):
+    """The hmm demo's distances to p_data per iteration, SPIN vs continued SFT, with +-1 standard error bars."""
+    if _eval_series(run, "forward_kl") == ([], []):
+        return "no distance-to-p_data eval (the hmm demo task) in any summary"
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(15, 8), layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
+    for ax, (key, title) in zip(axes, DISTANCES):
+        for arm, (pts, se), style in (("SPIN", (_eval_series(run, key)[0], _eval_series(run, key + "_se")[0]), "o-"),
+                                      ("continued SFT", (_eval_series(run, key)[1],
+                                                         _eval_series(run, key + "_se")[1]), "s--")):
+            if pts:
+                errs = dict(se)
+                ax.errorbar([x for x, _ in pts], [v for _, v in pts], yerr=[_num(errs.get(x)) for x, _ in pts],
+                            fmt=style, capsize=3, label=arm)
+        xs = sorted({x for x, _ in sum(_eval_series(run, key), [])})
+        ax.set_xticks(xs, ["SFT" if x < 0 else str(x) for x in xs])
+        ax.set(title=title, xlabel="iteration")
+        ax.legend()
+    axes[-1].axis("off")
+    fig.suptitle("distance to the exact data distribution, held-out prompts")
     return fig
 
 
@@ -241,7 +276,7 @@ def summary_table(run: dict) -> str:
 
 
 PLOTS = {"training.png": plot_training, "throughput.png": plot_throughput, "wall_time.png": plot_wall_time,
-         "heldout.png": plot_heldout, "eval.png": plot_eval}
+         "heldout.png": plot_heldout, "eval.png": plot_eval, "distance.png": plot_distance}
 
 
 def report(folder: Path, out: Path | None = None) -> dict:

@@ -166,3 +166,116 @@ def test_exact_match_oracle_and_untrained(folder, tok):
     assert res["n"] == 16 and res["accuracy"] <= 0.125
     assert all(isinstance(e["response"], str) for e in res["examples"])
     assert demo.exact_match(None, tok, [])["n"] == 0
+
+
+# ---- the hmm task: exact p_data, its sampler, the distance estimators -------------------------------------------
+
+import itertools  # noqa: E402
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from spin_fast import hmm_task  # noqa: E402
+
+
+def _tiny_hmm(seed=0):
+    return hmm_task.make_hmm(seed, states=3, vocab=4, emit_support=2, trans_support=2, prompt_len=2, max_len=5)
+
+
+def _all_answers(hmm):
+    return ["".join(t) for n in range(1, hmm.max_answer_len + 1) for t in itertools.product(hmm.letters, repeat=n)]
+
+
+def _valid_prompts(hmm):
+    rng = np.random.default_rng(0)
+    return sorted({hmm.sample(rng)[:hmm.prompt_len] for _ in range(200)})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hmm_likelihood_sums_to_one(seed):
+    hmm = _tiny_hmm(seed)
+    ys = _all_answers(hmm)
+    n_invalid = 0
+    for x in _valid_prompts(hmm):
+        p = [math.exp(hmm.logp(x, y)) for y in ys]
+        assert math.isclose(sum(p), 1.0, rel_tol=0, abs_tol=1e-12), (x, sum(p))
+        assert sum(v > 0 for v in p) >= 2                # many valid answers
+        n_invalid += sum(v == 0 for v in p)
+    assert n_invalid > 0                                 # sparse: some answers are invalid
+    assert hmm.logp(x, "") == -math.inf and hmm.logp(x, "z") == -math.inf   # empty / out of alphabet: invalid
+
+
+def test_hmm_sampler_matches_likelihood_chi_square():
+    hmm = _tiny_hmm(1)
+    x = _valid_prompts(hmm)[0]
+    ys = _all_answers(hmm)
+    p = np.array([math.exp(hmm.logp(x, y)) for y in ys])
+    rng, n = np.random.default_rng(3), 6000
+    counts = {}
+    for _ in range(n):
+        y = hmm.sample(rng, x)
+        counts[y] = counts.get(y, 0) + 1
+    assert all(p[ys.index(y)] > 0 for y in counts)               # never samples an invalid answer
+    def chi2(q):      # Pearson's statistic against q: cells with expected count >= 5, the rest pooled
+        big = q * n >= 5
+        o = np.append(obs[big], obs[~big].sum())
+        e = np.append(q[big] * n, q[~big].sum() * n)
+        keep = e > 0
+        return float(((o[keep] - e[keep]) ** 2 / e[keep]).sum()), int(keep.sum()) - 1
+    obs = np.array([counts.get(y, 0) for y in ys], dtype=float)
+    stat, dof = chi2(p)
+    assert dof >= 5
+    bound = dof + 5 * math.sqrt(2 * dof)                        # ~5 sigma above chi2(dof)'s mean
+    assert stat < bound, (stat, dof)
+    # meaningful: a mildly wrong distribution (10% of the mass spread uniformly on the valid answers) fails it
+    u = (p > 0) / (p > 0).sum()
+    assert chi2(0.9 * p + 0.1 * u)[0] > bound
+
+
+def test_hmm_rows_deterministic_distinct_prompts():
+    hmm = hmm_task.make_hmm(0)
+    rows = hmm_task.make_rows(hmm, 200, seed=1)
+    assert rows == hmm_task.make_rows(hmm_task.make_hmm(0), 200, seed=1)
+    assert len({r["prompt"] for r in rows}) == 200
+    for r in rows:
+        assert len(r["prompt"]) == hmm.prompt_len and hmm.logp(r["prompt"], r["messages"][1]["content"]) > -math.inf
+
+
+def test_distribution_metrics_known_answers():
+    # p_theta = p_data: both KLs ~ 0 within their standard errors; validity 1
+    hmm = _tiny_hmm(0)
+    x = _valid_prompts(hmm)[0]
+    rng = np.random.default_rng(0)
+    ys = [hmm.sample(rng, x) for _ in range(4000)]
+    lp = [hmm.logp(x, y) for y in ys]
+    m = hmm_task.distribution_metrics(lp, lp, lp, lp)
+    assert m["forward_kl"] == 0 and m["reverse_kl_valid"] == 0 and m["validity"] == 1
+    # p_theta = uniform over the valid answers of x (a known KL); half its samples replaced by invalid ones
+    valid = [y for y in _all_answers(hmm) if hmm.logp(x, y) > -math.inf]
+    logq = -math.log(len(valid))
+    p = np.array([math.exp(hmm.logp(x, y)) for y in valid])
+    exact_fwd = float((p * (np.log(p) - logq)).sum())              # KL(p_data || uniform)
+    exact_rev = float((np.log(1 / len(valid)) - np.log(p)).mean())  # KL(uniform || p_data)
+    model_ys = [valid[i] for i in rng.integers(len(valid), size=4000)]
+    d_on_t = [hmm.logp(x, y) for y in model_ys] + [-math.inf] * 4000
+    t_on_t = [logq + math.log(0.5)] * 4000 + [math.log(0.5 / 7)] * 4000   # theta: half its mass invalid
+    m = hmm_task.distribution_metrics(lp, [logq] * len(lp), d_on_t, t_on_t)
+    assert abs(m["forward_kl"] - exact_fwd) < 4 * m["forward_kl_se"]
+    assert abs(m["validity"] - 0.5) < 1e-12
+    assert abs(m["reverse_kl_valid"] - exact_rev) < 4 * m["reverse_kl_valid_se"]   # renormalised on the valid set
+    assert abs(m["coverage"] - logq) < 1e-12
+
+
+def test_response_logps_match_hf(folder, tok):
+    # our summed response log-prob equals the HF model's on the same rendered ids
+    from transformers import AutoModelForCausalLM
+    model = load_model(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompts, resps = ["abcde", "ab"], ["fgh", "a"]
+    ours = hmm_task.response_logps(model, tok, prompts, resps)
+    for p, r, v in zip(prompts, resps, ours):
+        ids, pl = render_prompt_response(tok, [{"role": "user", "content": p}], r)
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+        want = float(sum(lp[i - 1, ids[i]] for i in range(pl, len(ids))))
+        assert abs(v - want) < 1e-4, (v, want)

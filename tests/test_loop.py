@@ -127,9 +127,13 @@ def test_demo_under_torchrun(tmp_path):
              "--loop.heldout", "100"], nproc=2)
     report = json.loads((out / "demo.json").read_text())
     assert [row["model"] for row in report["rows"]] == ["SFT start", "iteration 0", "iteration 1"]
+    assert report["task"] == "hmm"                                    # the default task: distances to p_data
     for row in report["rows"]:
-        assert 0 <= row["spin_em"] <= 1 and 0 <= row["continued_sft_em"] <= 1
-    assert "held-out exact match" in r.stdout
+        for arm in ("spin", "continued_sft"):
+            m = row[arm]
+            assert m["forward_kl"] > -5 * m["forward_kl_se"] and 0 <= m["validity"] <= 1
+            assert m["coverage"] < 0 and m["n_data_samples"] == m["n_model_samples"] == 200
+    assert "distance to p_data" in r.stdout
     assert (out / "continued_sft1" / "summary.json").is_file() and (out / "iter1" / "summary.json").is_file()
 
 

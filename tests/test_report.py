@@ -77,7 +77,7 @@ def test_full_run_writes_every_plot_and_the_table(tmp_path, capsys):
     out = run / "report"
     for name in ALL_PLOTS:
         _assert_png(out / name)
-    assert result["skipped"] == {}
+    assert set(result["skipped"]) == {"distance.png"}          # exact-match evals: no distances to plot
     printed = capsys.readouterr().out
     assert all(f"wrote {out / name}" in printed for name in ALL_PLOTS + ["summary.md"])
     rows = _table_rows((out / "summary.md").read_text())
@@ -127,7 +127,7 @@ def test_null_heldout_and_missing_optional_files_skip_their_plots(tmp_path, caps
     run = make_run(tmp_path / "out", iterations=(0, 1), heldout=False, evaluated=False, extras=False)
     result = report.main([str(run)])
     out = run / "report"
-    assert set(result["skipped"]) == {"heldout.png", "eval.png"}
+    assert set(result["skipped"]) == {"heldout.png", "eval.png", "distance.png"}
     assert not (out / "heldout.png").exists() and not (out / "eval.png").exists()
     for name in ["training.png", "throughput.png", "wall_time.png"]:
         _assert_png(out / name)
@@ -179,3 +179,23 @@ def test_missing_matplotlib_names_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
     with pytest.raises(ValueError, match="matplotlib"):
         report.main([str(run)])
+
+
+@needs_mpl
+def test_distance_plot_from_hmm_evals(tmp_path):
+    """The hmm demo's evals (distances to p_data) in SPIN and continued-SFT summaries: distance.png is drawn."""
+    run = make_run(tmp_path / "out", iterations=(0, 1), evaluated=False, extras=False)
+    ev = lambda t: {k: v if k.endswith("_se") else v - 0.1 * t for k, v in {"forward_kl": 0.9, "forward_kl_se": 0.04, "coverage": -7.0,  # noqa
+                    "coverage_se": 0.2, "quality": -7.1, "quality_se": 0.2, "validity": 0.7, "validity_se": 0.02,
+                    "reverse_kl_valid": 0.8, "reverse_kl_valid_se": 0.07}.items()}
+    for t in (0, 1):
+        s = json.loads((run / f"iter{t}" / "summary.json").read_text())
+        _write(run / f"iter{t}" / "summary.json", {**s, "eval": ev(t)})
+        _write(run / f"continued_sft{t}" / "summary.json", {"phase": "continued_sft", "iteration": t, "eval": ev(2 * t)})
+    _write(run / "sft" / "summary.json", {"phase": "sft", "eval": ev(-1)})
+    loaded = report.load_run(run)
+    spin, cont = report._eval_series(loaded, "forward_kl")
+    assert spin == [(-1, 1.0), (0, 0.9), (1, 0.8)] and cont[-1] == (1, 0.9 - 0.2)
+    result = report.main([str(run)])
+    assert "distance.png" not in result["skipped"]
+    _assert_png(run / "report" / "distance.png")

@@ -1,7 +1,9 @@
 """Hugging Face folders in and out: config.json -> ModelConfig, safetensors -> Transformer, and back.
 
 Loading builds the model on the meta device (no memory), then reads each tensor from safetensors and
-puts it straight into place as the parameter, so peak memory is one copy of the weights. Saving writes
+puts it straight into place as the parameter, so peak memory is one copy of the weights. `load_model_sharded`
+(FSDP training) shards the meta model first and reads only each rank's rows: no rank holds the whole model.
+Both read through families.checkpoint_sources (our name -> checkpoint tensor and rows). Saving writes
 safetensors (sharded with model.safetensors.index.json above `max_shard_bytes`), config.json and the
 tokenizer / generation files, so `transformers.AutoModelForCausalLM.from_pretrained` loads the result.
 
@@ -69,13 +71,11 @@ def _weight_files(folder: Path) -> dict[str, Path]:
         raise InputError(f"{single}: corrupt or unreadable safetensors file ({e})") from None
 
 
-def load_model(folder, device="cpu", dtype: torch.dtype = torch.float32, attn_backend: str = "auto") -> Transformer:
-    """A Transformer with the weights of the HF folder, on `device` in `dtype`, in eval mode."""
-    folder = Path(folder)
-    cfg = read_config(folder)
-    with torch.device("meta"):
-        model = Transformer(cfg, attn_backend)
-    # our parameter -> (checkpoint tensor, rows): one tensor each, or a row block of a fused one (Phi-3)
+def _plan(folder: Path, model: Transformer) -> tuple[dict[str, tuple[str, int, int]], dict[str, Path], dict[str, int]]:
+    """(sources, files, rows_of): our parameter -> (checkpoint tensor, rows) (families.checkpoint_sources: one
+    tensor each, or a row block of a fused one, Phi-3), checkpoint tensor -> its file, fused tensor -> its total
+    rows; after checking that the checkpoint holds exactly what the model needs."""
+    cfg = model.config
     sources = checkpoint_sources(cfg, [n for n, _ in model.named_parameters()])
     expected = {ck for ck, _, _ in sources.values()}
     rows_of = {}                                                   # fused tensor -> its total rows
@@ -91,44 +91,124 @@ def load_model(folder, device="cpu", dtype: torch.dtype = torch.float32, attn_ba
     if unexpected:
         raise InputError(f"{folder}: unexpected tensor(s) {unexpected[:8]} for a {cfg.model_type} model "
                          f"(a different architecture?)")
-    modules = dict(model.named_modules())
+    for ours, (ck, _, _) in sources.items():
+        if not files[ck].is_file():
+            raise InputError(f"{files[ck]}: shard named in the index does not exist (needed for {ck})")
+    return sources, files, rows_of
+
+
+def _read_params(folder: Path, model: Transformer, rows, put) -> None:
+    """For every parameter of (meta or sharded) `model`, read its rows [a, b) (rows(name); None: all of them) from
+    the checkpoint and hand them to put(name, tensor). Only those rows leave the file (safetensors slices), one
+    file open at a time; shapes are checked against config.json first."""
+    sources, files, rows_of = _plan(folder, model)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     by_file: dict[Path, list[str]] = {}
     for ours, (ck, _, _) in sources.items():
         by_file.setdefault(files[ck], []).append(ours)
     for path, names in by_file.items():
-        if not path.is_file():
-            raise InputError(f"{path}: shard named in the index does not exist (needed for {sources[names[0]][0]})")
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for ours in names:
                     ck, start, end = sources[ours]
-                    mod_name, _, attr = ours.rpartition(".")
-                    mod = modules[mod_name]
-                    want = tuple(getattr(mod, attr).shape)
+                    want = shapes[ours]
                     try:
-                        if end == -1:
-                            t = f.get_tensor(ck)
-                        else:                              # a row block of a fused tensor: read only those rows
-                            sl = f.get_slice(ck)
-                            full = tuple(sl.get_shape())
-                            if full[0] != rows_of[ck] or tuple(full[1:]) != want[1:]:
-                                raise InputError(f"{path}: tensor {ck} has shape {full}, expected "
-                                                 f"{(rows_of[ck], *want[1:])} from config.json")
-                            t = sl[start:end]
-                    except InputError:
-                        raise
+                        sl = f.get_slice(ck)
+                        full = tuple(sl.get_shape())
                     except Exception as e:
                         raise InputError(f"{path}: cannot read tensor {ck} ({e})") from None
-                    if tuple(t.shape) != want:
-                        raise InputError(f"{path}: tensor {ck} has shape {tuple(t.shape)}, expected {want} "
-                                         f"from config.json")
-                    # one copy: the loaded tensor becomes the parameter (cast/moved once, then the CPU copy is freed)
-                    setattr(mod, attr, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
-        except ValueError:
+                    if end == -1 and full != want:
+                        raise InputError(f"{path}: tensor {ck} has shape {full}, expected {want} from config.json")
+                    if end != -1 and (full[0] != rows_of[ck] or tuple(full[1:]) != want[1:]):
+                        raise InputError(f"{path}: tensor {ck} has shape {full}, expected "
+                                         f"{(rows_of[ck], *want[1:])} from config.json")
+                    r = rows(ours)
+                    try:
+                        if r is None and end == -1:
+                            t = f.get_tensor(ck)
+                        else:                  # this rank's rows, of a row block of a fused tensor or not
+                            a, b = (0, want[0]) if r is None else r
+                            t = sl[start + a: start + b]
+                    except Exception as e:
+                        raise InputError(f"{path}: cannot read tensor {ck} ({e})") from None
+                    put(ours, t)
+        except (ValueError, InputError):
             raise
         except Exception as e:  # safetensors header / buffer errors
             raise InputError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+
+
+def _init_buffers(model: Transformer, device) -> None:
+    """The non-persistent (derived) buffers, computed from the config: after the meta build / to_empty they hold
+    nothing. A buffer not listed here raises, so a new one cannot stay uninitialised silently."""
+    other = sorted(n for n, _ in model.named_buffers() if n not in ("inv_freq", "inv_freq_local"))
+    if other:
+        raise AssertionError(f"buffers {other} are not (re)initialised by hf_io._init_buffers")
     model.init_rope(device)
+
+
+def load_model(folder, device="cpu", dtype: torch.dtype = torch.float32, attn_backend: str = "auto") -> Transformer:
+    """A Transformer with the whole weights of the HF folder, on `device` in `dtype`, in eval mode (one process,
+    the sampler; FSDP training loads with load_model_sharded)."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    with torch.device("meta"):
+        model = Transformer(cfg, attn_backend)
+    modules = dict(model.named_modules())
+
+    def put(ours, t):
+        mod_name, _, attr = ours.rpartition(".")
+        # one copy: the loaded tensor becomes the parameter (cast/moved once, then the CPU copy is freed)
+        setattr(modules[mod_name], attr, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+    _read_params(folder, model, lambda n: None, put)
+    _init_buffers(model, device)
+    return model.eval()
+
+
+def shard_rows(p) -> tuple[int, int] | None:
+    """Rows [a, b) of the full parameter that this rank holds, for an FSDP2 parameter (a DTensor Shard(0) on a 1-D
+    mesh: torch.chunk's split, ceil(rows / world) per rank, the last ranks shorter or empty); None if not sharded."""
+    from torch.distributed.tensor import DTensor, Shard
+    if not isinstance(p, DTensor):
+        return None
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise AssertionError(f"sharded loading expects FSDP2's Shard(0) on a 1-D mesh, got {p.placements}")
+    world, rank, n = p.device_mesh.size(), p.device_mesh.get_local_rank(), p.shape[0]
+    chunk = -(-n // world)
+    a = min(rank * chunk, n)
+    b = min(a + chunk, n)
+    if p.to_local().shape[0] != b - a:
+        raise AssertionError(f"local shard of {tuple(p.shape)} has {p.to_local().shape[0]} rows, expected {b - a}")
+    return a, b
+
+
+def load_model_sharded(folder, prepare, device, dtype: torch.dtype = torch.float32,
+                       attn_backend: str = "auto") -> Transformer:
+    """The HF folder's model, sharded, without the whole model ever existing on any rank (torchtitan's way).
+
+    Build on the meta device (no memory) in `dtype`; prepare(model): the trainer's activation checkpointing ->
+    compile -> fully_shard per block and root (parameters become DTensor shards, still meta); `to_empty(device)`
+    allocates this rank's shards only; then each rank reads from the safetensors files only its shards' rows
+    (slices: the other ranks' rows never leave the file) and copies them into place; derived buffers are
+    recomputed. Every rank reads its own rows, rather than rank 0 reading whole tensors and scattering them
+    (set_model_state_dict(broadcast_from_rank0=True)): no whole tensor anywhere, no extra traffic, the same file
+    access every rank had before. Returns the model in eval mode, like load_model."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    with torch.device("meta"):
+        model = Transformer(cfg, attn_backend).to(dtype)
+    _plan(folder, model)                                     # refuse a bad folder before sharding
+    prepare(model)
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    rows = {n: shard_rows(p) for n, p in params.items()}
+
+    def put(ours, t):
+        local = params[ours].to_local() if rows[ours] is not None else params[ours]
+        with torch.no_grad():
+            local.copy_(t.to(dtype))                         # shapes: the shard's rows (shard_rows checked them)
+    _read_params(folder, model, rows.get, put)
+    _init_buffers(model, device)
     return model.eval()
 
 

@@ -15,7 +15,7 @@ import torch
 
 from . import lora, refcache
 from .config import Config
-from .hf_io import load_model, save_model
+from .hf_io import load_model, load_model_sharded, save_model
 from .runtime import Runtime
 from .trainer import MetricsLog, SpinTask, Trainer, compute_dtype_for, gather_full_state_dict, prepare_model
 
@@ -36,11 +36,16 @@ def _load_prepared(cfg: Config, rt: Runtime, model_dir: Path, train_cfg, lora_cf
     adapters, B = 0, so the model still IS pi_t for the reference cache (lora.py). Returns (model, master dtype,
     compute dtype)."""
     master = DTYPES[cfg.model.dtype]
-    model = load_model(model_dir, device=rt.device, dtype=master, attn_backend=cfg.model.attn_backend)
-    if lora.enabled(lora_cfg):
-        lora.attach(model, lora_cfg, seed=cfg.seed)
     compute_dtype = compute_dtype_for(cfg.model.mixed_precision, rt.device, master)
-    prepare_model(model, train_cfg, distributed=rt.distributed, compute_dtype=compute_dtype)
+    prepare = lambda m: prepare_model(m, train_cfg, distributed=rt.distributed, compute_dtype=compute_dtype)
+    if rt.distributed and not lora.enabled(lora_cfg):
+        # shard on meta, then each rank reads only its rows: no rank holds the whole model
+        model = load_model_sharded(model_dir, prepare, rt.device, dtype=master, attn_backend=cfg.model.attn_backend)
+    else:   # one process, or LoRA (its adapters are initialised on the loaded weights: whole model, then shard)
+        model = load_model(model_dir, device=rt.device, dtype=master, attn_backend=cfg.model.attn_backend)
+        if lora.enabled(lora_cfg):
+            lora.attach(model, lora_cfg, seed=cfg.seed)
+        prepare(model)
     return model, master, compute_dtype
 
 

@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_train                 # CPU: random Llama H256/L4, Phi-3 tokenizer, 64 real SFT pairs
     python -m benchmarks.bench_train --pairs 32 --skip-trl-gc
+    python -m benchmarks.bench_train --lora-only     # full fine-tuning vs LoRA (rank 8, all 7 projections) only
 
 Setup (needs ../shared/data): a random Llama (hidden 256, 4 layers, 4 heads, SwiGLU 688, vocab 32011 = the Phi-3
 tokenizer) and 64 conversational pairs from the shared UltraChat-schema rows (prompt = the turns before the last
@@ -14,7 +15,9 @@ Each system runs in its own process (so peak memory is its own): VmHWM at exit, 
 everything. Tokens = prompt+chosen+rejected tokens (the prompt counted in both sequences), as each system feeds them.
 tokens/s = tokens / (reference pass + training): the reference log-prob cache (ours) and TRL's
 precompute_ref_log_probs pass are counted; tokenisation and model loading are not (for either).
-Rows: spin_fast (1 process, N threads; and torchrun 2 ranks x 1 thread, memory = both processes), TRL with a
+Rows: spin_fast (1 process, N threads; and torchrun 2 ranks x 1 thread, memory = both processes), spin_fast LoRA
+(train.lora.rank = --lora-rank on all seven block projections, 1 process: frozen base, adapters-only gradients and
+optimizer state, the same reference cache pass and loss kernels), TRL with a
 reference model (gradient checkpointing on = DPOConfig's default, and off), TRL with precompute_ref_log_probs.
 Ratios are against the best TRL row in tokens/s. Results: benchmarks/results/train-DATE-MACHINE.json.
 """
@@ -108,11 +111,14 @@ def spawn(cmd: list[str], env_threads: int | None = None) -> None:
         raise RuntimeError(f"{' '.join(cmd[:6])} ... failed ({r.returncode}):\n{r.stderr[-3000:]}")
 
 
-def ours_row(tmp: Path, model: Path, pairs: Path, tokens_per_step: int, threads: int, ranks: int) -> dict:
-    tag = f"ours-{ranks}"
+def ours_row(tmp: Path, model: Path, pairs: Path, tokens_per_step: int, threads: int, ranks: int,
+             lora_rank: int = 0) -> dict:
+    tag = f"ours-{ranks}" + (f"-lora{lora_rank}" if lora_rank else "")
     out, result = tmp / tag, tmp / f"{tag}.json"
     shutil.rmtree(out, ignore_errors=True)          # a fresh reference cache: its cost is counted
     argv = ours_argv(model, pairs, out, tokens_per_step)
+    if lora_rank:
+        argv += ["--train.lora.rank", str(lora_rank), "--train.lora.alpha", str(2 * lora_rank)]
     if ranks == 1:
         spawn([sys.executable, "-m", "benchmarks.bench_train", "--_ours", str(result), "--threads", str(threads),
                "--", *argv], threads)
@@ -122,8 +128,10 @@ def ours_row(tmp: Path, model: Path, pairs: Path, tokens_per_step: int, threads:
     parts = [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(ranks)]
     s = parts[0]["summary"]
     total = s["cache"]["wall_s"] + s["train"]["wall_s"]
-    return {"system": "spin_fast", "setting": f"{ranks} process x {threads if ranks == 1 else 1} threads"
-            if ranks == 1 else f"torchrun {ranks} ranks x 1 thread", "tokens": s["train"]["tokens"],
+    setting = f"{ranks} process x {threads} threads" if ranks == 1 else f"torchrun {ranks} ranks x 1 thread"
+    if lora_rank:
+        setting = f"LoRA r{lora_rank} (7 projections), " + setting
+    return {"system": "spin_fast", "setting": setting, "tokens": s["train"]["tokens"],
             "steps": s["train"]["steps"], "ref_s": s["cache"]["wall_s"], "train_s": s["train"]["wall_s"],
             "total_s": total, "tokens_per_s": s["train"]["tokens"] / total,
             "peak_rss_mib": sum(p["peak_rss_mib"] for p in parts),
@@ -153,6 +161,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each single-process run")
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--skip-trl-gc", action="store_true", help="skip TRL with gradient checkpointing (its default)")
+    ap.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA row (0: no LoRA row)")
+    ap.add_argument("--lora-only", action="store_true",
+                    help="only full fine-tuning vs LoRA, 1 process each, side by side (no torchrun, no TRL rows)")
     ap.add_argument("--_ours", default=None, help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args(argv)
     if args._ours:
@@ -169,28 +180,35 @@ def main(argv=None):
         steps = math.ceil(num_pairs / TRAIN_ARGS["batch_pairs"])
         tokens_per_step = max(2 * TRAIN_ARGS["max_length"], math.ceil(total / steps))
         print(f"{num_pairs} pairs, {total} tokens, {steps} steps of ~{tokens_per_step} tokens", flush=True)
-        plan = [("ours", 1), ("ours", 2)]
-        if not args.skip_trl:
+        plan = [("ours", 1)] + ([("lora", 1)] if args.lora_rank else []) + ([] if args.lora_only else [("ours", 2)])
+        if not (args.skip_trl or args.lora_only):
             plan += [("trl", ("precompute", False)), ("trl", ("ref", False))]
             if not args.skip_trl_gc:
                 plan.append(("trl", ("ref", True)))
         for kind, opt in plan:
             row = (ours_row(tmp, model, pairs, tokens_per_step, args.threads, opt) if kind == "ours"
-                   else trl_row(tmp, model, pairs, args.threads, *opt))
+                   else ours_row(tmp, model, pairs, tokens_per_step, args.threads, opt, args.lora_rank)
+                   if kind == "lora" else trl_row(tmp, model, pairs, args.threads, *opt))
             print(json.dumps(row), flush=True)
             rows.append(row)
+    full = next(r for r in rows if r["system"] == "spin_fast")
+    for r in rows:
+        if r["system"] == "spin_fast":            # LoRA vs full fine-tuning, measured side by side in this run
+            r["x_full_ft"] = r["tokens_per_s"] / full["tokens_per_s"]
+            r["mem_vs_full_ft"] = r["peak_rss_mib"] / full["peak_rss_mib"]
     trl = [r for r in rows if r["system"].startswith("TRL")]
     if trl:
         best = max(trl, key=lambda r: r["tokens_per_s"])
         for r in rows:
             r["x_trl_best"] = r["tokens_per_s"] / best["tokens_per_s"]
             r["mem_vs_trl_best"] = r["peak_rss_mib"] / best["peak_rss_mib"]
-    cols = ["system", "setting", "tokens", "ref_s", "train_s", "tokens_per_s", "peak_rss_mib"] + \
+    cols = ["system", "setting", "tokens", "ref_s", "train_s", "tokens_per_s", "peak_rss_mib", "x_full_ft",
+            "mem_vs_full_ft"] + \
            (["x_trl_best", "mem_vs_trl_best"] if trl else [])
     print(markdown_table(rows, cols))
-    path = write_results("train", rows, extra={"setup": {
+    path = write_results("train-lora" if args.lora_only else "train", rows, extra={"setup": {
         "model": "random Llama H256/L4/heads4/SwiGLU688/V32011 fp32", "pairs": num_pairs, "tokens": total,
-        "threads": args.threads, **TRAIN_ARGS, "tokens_per_step": tokens_per_step}})
+        "threads": args.threads, **TRAIN_ARGS, "tokens_per_step": tokens_per_step, "lora_rank": args.lora_rank}})
     print(f"wrote {path}")
 
 

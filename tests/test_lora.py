@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,7 +109,7 @@ def test_lora_step_gradient_is_autograd_of_naive_loss_and_only_adapters_move(tmp
 # --- the real path: spin_fast.train, 1 process and 2 gloo ranks (FSDP2) -------------------------------------------
 
 ARGS = ["--max-length", "40", "--max-prompt-length", "24", "--tokens-per-step", "180", "--micro-batch-tokens", "80",
-        "--lr", "1e-2", "--train.warmup_ratio", "0", "--train.optimizer", "adamw", "--train.max_steps", "4",
+        "--lr", "1e-2", "--train.warmup_ratio", "0", "--train.optimizer", "adamw", "--train.max_steps", "3",
         "--train.log_every", "2", "--train.progress", "false", "--train.lora.rank", "4", "--train.lora.alpha", "8",
         "--train.lora.targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         "--train.lora.save_peft", "true"]
@@ -143,6 +142,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_two_ranks_fsdp2_lora_equal_one_process_and_save_merged(runs):
     start, one, two = (load_file(str(runs / d / "model.safetensors")) for d in ("model", "one", "two"))
     assert set(one) == set(start) and not any(".lora" in k for k in one)    # plain HF weights, merged
@@ -154,6 +154,7 @@ def test_two_ranks_fsdp2_lora_equal_one_process_and_save_merged(runs):
     assert diff <= 1e-6, (diff, moved)
 
 
+@pytest.mark.slow
 def test_merged_folder_and_peft_adapter_load_with_equal_logits(runs):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
@@ -177,3 +178,35 @@ def test_merged_folder_and_peft_adapter_load_with_equal_logits(runs):
     assert (z_ours - z_base).abs().max() > 1e-4                 # the adapter changed the logits: the test can fail
     torch.testing.assert_close(z_merged, z_ours, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(z_peft, z_ours, atol=1e-4, rtol=1e-4)
+
+
+# --- the SPIN loop with LoRA: generate -> cache -> train -> save, twice -------------------------------------------
+
+@pytest.mark.slow
+def test_loop_with_lora_two_iterations(tmp_path):
+    """Iteration 1's base and reference is iteration 0's merged folder: its first step is ln 2 (fresh adapters,
+    B = 0, against a cache of the same model), only targeted weights move, every folder reloads in transformers."""
+    from transformers import AutoModelForCausalLM
+    tok = demo.build_tokenizer(tmp_path / "model")
+    demo.init_model(tmp_path / "model", tok, hidden=32, layers=2, heads=4, seed=0)
+    rows = demo.write_jsonl(tmp_path / "rows.jsonl", demo.make_rows(40, seed=0))
+    out = tmp_path / "out"
+    argv = ["--model", str(tmp_path / "model"), "--data.sft", str(rows), "--output", str(out),
+            "--loop.iterations", "2", "--loop.heldout", "8", "--generate.max_new_tokens", "12", "--max-length", "40",
+            "--max-prompt-length", "24", "--tokens-per-step", "400", "--micro-batch-tokens", "400", "--lr", "1e-2",
+            "--train.optimizer", "adamw", "--train.warmup_ratio", "0", "--train.progress", "false",
+            "--generate.batch_size", "16", "--train.lora.rank", "4", "--train.lora.targets", "q_proj,v_proj,down_proj",
+            "--train.lora.save_peft", "true"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env.pop("SPIN_FAST_FAULT", None)
+    r = subprocess.run([sys.executable, "-m", "spin_fast.train", *argv], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    w = [load_file(str(d / "model.safetensors")) for d in (tmp_path / "model", out / "iter0", out / "iter1")]
+    for t in (0, 1):
+        first = json.loads((out / f"iter{t}" / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["loss"] == pytest.approx(0.6931, abs=1e-4)             # the reference = the frozen base
+        assert (out / f"iter{t}" / "adapter" / "adapter_model.safetensors").is_file()
+        moved = {k for k in w[t] if not torch.equal(w[t][k], w[t + 1][k])}
+        assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")) for k in moved)
+        AutoModelForCausalLM.from_pretrained(str(out / f"iter{t}"))              # a plain HF folder

@@ -29,7 +29,7 @@ from .errors import InputError
 from .integrity import verify_checksums, write_checksums, write_json
 from .phases import generate_phase, sft_phase, train_phase
 from .rows import ORIGIN_KEY, BadRow, SkippedRows, read_rows, sft_row
-from .runtime import Runtime, on_rank0
+from .runtime import Runtime, fault_point, on_rank0
 
 log = logging.getLogger("spin_fast.loop")
 
@@ -103,6 +103,7 @@ def publish(rt: Runtime, tmp: Path, final: Path, summary: dict) -> None:
     if rt.is_main:
         write_json(tmp / "summary.json", summary)
         write_checksums(tmp)                                    # last: what "finished" means, verified on use
+        fault_point("publish", 1)                               # complete, not yet renamed
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -16,7 +16,7 @@ import torch
 from . import lora, refcache
 from .config import Config
 from .hf_io import load_model, load_model_sharded, save_model
-from .runtime import Runtime
+from .runtime import Runtime, fault_point
 from .trainer import MetricsLog, SpinTask, Trainer, compute_dtype_for, gather_full_state_dict, prepare_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,6 +72,7 @@ def _save_trained(cfg: Config, rt: Runtime, model, model_dir: Path, out_dir: Pat
         state = lora.merged_state_dict(state, lora_cfg)
     if rt.is_main:
         save_model(model, out_dir, source_dir=model_dir, state_dict=state, dtype=_save_dtype(cfg, model_dir, master))
+        fault_point("hf_save", 1)                     # the HF folder is written, not yet published
     if rt.distributed:
         torch.distributed.barrier()        # the folder is complete before any rank reads it
     return time.perf_counter() - t0

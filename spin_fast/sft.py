@@ -88,6 +88,7 @@ class SftTask:
     """Cross-entropy on response tokens; units are sequences, the normalizer the step's response-token count."""
     metric_names = SFT_METRICS
     unit_name = "sequences"
+    fault_phase = "sft"                                  # runtime.fault_point's name for this phase's steps
 
     def __init__(self, seqs: SequenceSet, cfg, device: torch.device):
         self.seqs, self.cfg, self.device = seqs, cfg, device

@@ -387,10 +387,10 @@ class Trainer:
         self.model.train()
         start = 0
         plan = checkpoint.plan_fingerprint(self.steps) if checkpoint_dir is not None else ""
-        if checkpoint_dir is not None and (found := checkpoint.latest(checkpoint_dir)) is not None:
+        if checkpoint_dir is not None and (found := checkpoint.usable(checkpoint_dir)) is not None:
             start = checkpoint.load(found, self.model, self.optimizer, self.scheduler, plan)
-            if self.rank == 0 and self.metrics is not None:
-                self.metrics.truncate_after(start)
+        if checkpoint_dir is not None and self.rank == 0 and self.metrics is not None:
+            self.metrics.truncate_after(start)          # rows after the checkpoint (all: none usable) go
         bar = tqdm(total=len(self.steps), initial=start, desc="train", unit="step", dynamic_ncols=True,
                    disable=self.rank != 0 or not cfg.progress)
         t0 = time.perf_counter()
@@ -428,7 +428,7 @@ class Trainer:
                 window, t_window = [], time.perf_counter()
             if save_now:
                 checkpoint.save(checkpoint_dir, i + 1, self.model, self.optimizer, self.scheduler, plan)
-            fault_point("train", i + 1)
+            fault_point(getattr(self.task, "fault_phase", "train"), i + 1)     # "train" | "sft"
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

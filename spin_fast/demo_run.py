@@ -1,11 +1,12 @@
 """The built-in demo run: `torchrun --nproc_per_node=2 -m spin_fast.train` with no model and no data.
 
 1. prepare_demo: writes OUTPUT/demo_assets/ (a character tokenizer, a random 89k-parameter Llama, and
-   n_train + n_heldout rows of the string-transformation task in demo.py) and points the config at them:
+   n_train + n_heldout rows of the demo.task: the exact-p_data HMM of hmm_task.py, the default, or the
+   string-transformation task of demo.py, `exact_match`) and points the config at them:
    an SFT phase from scratch (sft.epochs), then loop.iterations SPIN iterations; the loop holds out
    loop.heldout rows (its discriminator check and the exact-match accuracy here).
 2. The loop runs as for any model (generation, cache, training), calling `evaluate` on every finished model:
-   greedy exact match on the held-out rows.
+   hmm: the distances to p_data on the held-out prompts (evaluate_hmm); exact_match: greedy exact match.
 3. finish_demo: the paper's ablation, continued SFT for the same compute: from the SFT model, one more SFT round
    per SPIN iteration on as many tokens as that iteration trained on; prints and writes OUTPUT/demo.json.
 
@@ -37,6 +38,8 @@ HMM_DEFAULTS = {
     ("data", "max_length"): 32, ("data", "max_prompt_length"): 16, ("generate", "max_new_tokens"): 10,
     ("generate", "temperature"): 1.0, ("sft", "epochs"): 6,
     ("train", "loss_type"): "sigmoid", ("train", "beta"): 0.1, ("train", "lr"): 1e-4,
+    # 2 iterations: ~115 s per 1-iteration run + ~60 s per further iteration (2 loaded CPU cores, 2026-12-04)
+    ("loop", "iterations"): 2,
 }
 HMM_SAMPLES = 2          # samples per held-out prompt from p_data and from p_theta, for the metrics
 # key -> demo value, applied only where the user kept the library default

@@ -82,9 +82,14 @@ class TrainCfg:
     epochs: int = _f(1, "passes over the pairs per iteration")
     max_steps: int = _f(-1, "stop after this many optimizer steps (-1: all epochs)")
     tokens_per_step: int = _f(65536, "global batch: prompt+chosen+rejected tokens per optimizer step over all ranks "
-                                     "(pairs are added in shuffled order until the next would exceed it)")
-    micro_batch_tokens: int = _f(16384, "tokens per packed micro-batch per rank (gradient accumulation fills the "
-                                        "step with micro-batches of at most this many)")
+                                     "(pairs are added in shuffled order until the next would exceed it); set this "
+                                     "or train.pairs_per_step, not both")
+    pairs_per_step: int = _f(0, "global batch in pairs (the paper's 64), instead of train.tokens_per_step: every step "
+                                "holds exactly this many pairs over all ranks, the last of an epoch the remainder "
+                                "(merged into the one before when smaller than the world size); 0: off")
+    micro_batch_tokens: int = _f(0, "tokens per packed micro-batch per rank (gradient accumulation fills the step "
+                                    "with micro-batches of at most this many); 0 or auto: the smallest power of two "
+                                    ">= 2 * data.max_length (the longest possible pair)")
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0: no clipping, norm still logged)")
     activation_checkpointing: bool = _f(False, "recompute each decoder block in backward (saves activations)")
     compile: bool = _f(False, "torch.compile each decoder block")
@@ -106,7 +111,8 @@ class GenerateCfg:
     temperature: float = _f(1.0, "sampling temperature (0: greedy)")
     top_p: float = _f(1.0, "nucleus sampling mass in (0, 1]")
     top_k: int = _f(0, "top-k sampling (0: off)")
-    batch_size: int = _f(64, "KV-cache slots per rank (continuous batching)")
+    batch_size: int = _f(64, "KV-cache slots per rank (continuous batching); 0 or auto: on CUDA as many as the free "
+                             "GPU memory holds (sampler.auto_batch_size), on CPU 64")
     dtype: str = _f("auto", "sampling dtype: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16")
 
 
@@ -117,7 +123,8 @@ class SftCfg:
     optimizer: str = _f("adamw", "adamw | rmsprop")
     lr_schedule: str = _f("cosine", "linear | cosine | constant")
     warmup_ratio: float = _f(0.05, "fraction of SFT steps with warmup")
-    tokens_per_step: int = _f(65536, "global tokens per SFT optimizer step")
+    tokens_per_step: int = _f(65536, "global tokens per SFT optimizer step; set this or sft.examples_per_step")
+    examples_per_step: int = _f(0, "global SFT examples per optimizer step, instead of sft.tokens_per_step (0: off)")
 
 
 @dataclass
@@ -183,12 +190,11 @@ class Config:
         need(g.temperature >= 0, "generate.temperature", "must be >= 0", g.temperature)
         need(0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]", g.top_p)
         need(g.top_k >= 0, "generate.top_k", "must be >= 0", g.top_k)
-        need(g.batch_size >= 1, "generate.batch_size", "must be >= 1", g.batch_size)
+        need(g.batch_size >= 0, "generate.batch_size", "must be >= 1 (0 or auto: sized to the free memory)",
+             g.batch_size)
         need(sft.epochs >= 0, "sft.epochs", "must be >= 0", sft.epochs)
         need(sft.lr > 0, "sft.lr", "must be > 0", sft.lr)
         need(0 <= sft.warmup_ratio < 1, "sft.warmup_ratio", "must be in [0, 1)", sft.warmup_ratio)
-        need(sft.tokens_per_step >= t.micro_batch_tokens, "sft.tokens_per_step",
-             f"must be >= train.micro_batch_tokens = {t.micro_batch_tokens}", sft.tokens_per_step)
         need(lp.iterations >= 1, "loop.iterations", "must be >= 1", lp.iterations)
         need(0 <= lp.start_iteration < lp.iterations, "loop.start_iteration",
              f"must be in [0, loop.iterations={lp.iterations})", lp.start_iteration)
@@ -217,10 +223,25 @@ class Config:
         need(1 <= d.max_prompt_length < d.max_length, "data.max_prompt_length",
              f"must be in [1, data.max_length={d.max_length})", d.max_prompt_length)
         # a pair is prompt+chosen + prompt+rejected <= 2 * max_length tokens and is never split
+        need(t.micro_batch_tokens >= 0, "train.micro_batch_tokens", "must be >= 1 (0 or auto: derived)",
+             t.micro_batch_tokens)
+        if t.micro_batch_tokens == 0:
+            t.micro_batch_tokens = auto_micro_batch_tokens(d.max_length)
         need(t.micro_batch_tokens >= 2 * d.max_length, "train.micro_batch_tokens",
              f"must hold the longest possible pair, 2 * data.max_length = {2 * d.max_length}", t.micro_batch_tokens)
-        need(t.tokens_per_step >= t.micro_batch_tokens, "train.tokens_per_step",
-             f"must be >= train.micro_batch_tokens = {t.micro_batch_tokens}", t.tokens_per_step)
+        given = explicit_keys(self)
+        for sec, units, per_step in (("train", "pairs", t.pairs_per_step), ("sft", "examples", sft.examples_per_step)):
+            need(per_step >= 0, f"{sec}.{units}_per_step", "must be >= 1 (0: off)", per_step)
+            if per_step and f"{sec}.tokens_per_step" in given:
+                raise InputError(f"config {sec}.tokens_per_step and {sec}.{units}_per_step are both set "
+                                 f"({getattr(self, sec).tokens_per_step}, {per_step}): a step is sized by one of "
+                                 f"them; pass one")
+        if not t.pairs_per_step:
+            need(t.tokens_per_step >= t.micro_batch_tokens, "train.tokens_per_step",
+                 f"must be >= train.micro_batch_tokens = {t.micro_batch_tokens}", t.tokens_per_step)
+        if not sft.examples_per_step:
+            need(sft.tokens_per_step >= t.micro_batch_tokens, "sft.tokens_per_step",
+                 f"must be >= train.micro_batch_tokens = {t.micro_batch_tokens}", sft.tokens_per_step)
         need(0 <= self.seed < 2 ** 32, "seed", "must be in [0, 2**32)", self.seed)
         if d.pairs and d.sft:
             raise InputError(f"config data.pairs and data.sft are both set ({d.pairs}, {d.sft}): data.pairs runs "
@@ -244,12 +265,22 @@ class Config:
 
 # --- YAML + CLI ---------------------------------------------------------------------------------------------------
 
-ALIASES = {"model": "model.path", "pairs": "data.pairs", "generated": "data.generated", "beta": "train.beta",
+AUTO_KEYS = {"train.micro_batch_tokens", "generate.batch_size"}      # int fields that take "auto" (= 0)
+ALIASES = {"pairs_per_step": "train.pairs_per_step", "model": "model.path", "pairs": "data.pairs", "generated": "data.generated", "beta": "train.beta",
            "lr": "train.lr", "epochs": "train.epochs", "max_length": "data.max_length",
            "max_prompt_length": "data.max_prompt_length", "tokens_per_step": "train.tokens_per_step",
            "micro_batch_tokens": "train.micro_batch_tokens", "loss_type": "train.loss_type",
            "optimizer": "train.optimizer", "max_steps": "train.max_steps", "chat_template": "data.chat_template",
            "sft_data": "data.sft", "iterations": "loop.iterations", "max_new_tokens": "generate.max_new_tokens"}
+
+
+def auto_micro_batch_tokens(max_length: int) -> int:
+    """train.micro_batch_tokens = auto: the smallest power of two >= 2 * max_length. A micro-batch must hold the
+    longest possible pair (prompt+chosen + prompt+rejected <= 2 * max_length, never split), and activation memory
+    grows linearly with the budget, so the smallest legal budget is the memory-safe one; real pairs are shorter than
+    2 * max_length, so first-fit packing still puts several in a micro-batch, and matmuls over >= 2k rows are past
+    their efficiency knee. The power of two keeps packed shapes regular (compile, kernel tiles): 1024 -> 2048."""
+    return 1 << max(0, (2 * max_length - 1).bit_length())
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -264,8 +295,9 @@ def _is_section(tp) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def _coerce(key: str, tp, value, *, from_cli: bool):
-    """`value` as type `tp` (int, float, bool, str, X | None, list[X]); InputError naming `key`."""
+def _coerce(key: str, tp, value, *, from_cli: bool, auto: bool = False):
+    """`value` as type `tp` (int, float, bool, str, X | None, list[X]); InputError naming `key`. auto: an int field
+    that also takes the string "auto" (stored as 0)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None or (from_cli and isinstance(value, str) and value.lower() in ("none", "null")):
@@ -290,6 +322,8 @@ def _coerce(key: str, tp, value, *, from_cli: bool):
             return value.lower() in ("true", "1", "yes")
         raise InputError(f"config {key}: expected true/false, got {value!r}")
     if tp is int:
+        if auto and isinstance(value, str) and value.strip().lower() == "auto":
+            return 0                                       # the field's documented "derive it" value
         # YAML has real integers: a string there is a mistake; on the CLI every value is a string
         if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not from_cli):
             raise InputError(f"config {key}: expected an integer, got {type(value).__name__} {value!r}")
@@ -345,7 +379,7 @@ def set_key(cfg: Config, key: str, value, *, from_cli: bool) -> None:
     obj = cfg
     for p in path:
         obj = getattr(obj, p)
-    setattr(obj, leaf, _coerce(key, keys[key][0], value, from_cli=from_cli))
+    setattr(obj, leaf, _coerce(key, keys[key][0], value, from_cli=from_cli, auto=key in AUTO_KEYS))
     explicit_keys(cfg).add(key)
 
 

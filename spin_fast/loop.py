@@ -212,4 +212,4 @@ def sft_train_cfg(cfg: Config):
     s = cfg.sft
     return dataclasses.replace(cfg.train, epochs=s.epochs, lr=s.lr, optimizer=s.optimizer,
                                lr_schedule=s.lr_schedule, warmup_ratio=s.warmup_ratio,
-                               tokens_per_step=s.tokens_per_step, max_steps=-1)
+                               tokens_per_step=s.tokens_per_step, pairs_per_step=s.examples_per_step, max_steps=-1)

@@ -1,7 +1,7 @@
 """The SPIN training phase: FSDP2-sharded policy, packed micro-batches, the fused loss on cached reference log-probs.
 
 One optimizer step = a global batch of pairs (shuffled order, filled up to `tokens_per_step` prompt+chosen+rejected
-tokens), packed into micro-batches of <= `micro_batch_tokens` per rank, the same count on every rank
+tokens, or exactly `pairs_per_step` pairs), packed into micro-batches of <= `micro_batch_tokens` per rank, the same count on every rank
 (packing.plan_micro_batches). Each micro-batch: packed forward -> final hidden states -> kernels.spin_loss_from_hidden
 with the cached Σ log π_t(y|x), Σ log π_t(y'|x) and `normalizer` = the step's global pair count, so
 
@@ -52,9 +52,13 @@ class StepPlan:
     padding: list[list[bool]] | None = None  # [rank][micro-batch]: a zero-weight replica (None: no padding)
 
 
-def _group_steps(order: np.ndarray, pair_tokens: np.ndarray, tokens_per_step: int) -> list[list[int]]:
+def _group_steps(order: np.ndarray, pair_tokens: np.ndarray, tokens_per_step: int,
+                 pairs_per_step: int = 0) -> list[list[int]]:
     """Cut `order` into consecutive steps: add pairs while the step stays <= tokens_per_step (at least one pair a
-    step). Independent of the world size: the step's pairs and its loss normaliser are what one process trains."""
+    step), or (pairs_per_step > 0) exactly that many pairs a step, the epoch's last the remainder. Independent of
+    the world size: the step's pairs and its loss normaliser are what one process trains."""
+    if pairs_per_step > 0:
+        return [order[i:i + pairs_per_step].tolist() for i in range(0, len(order), pairs_per_step)]
     steps, cur, cur_tokens = [], [], 0
     for p in order.tolist():
         t = int(pair_tokens[p])
@@ -100,10 +104,11 @@ def _deal(ids: np.ndarray, pair_tokens: np.ndarray, budget: int, world: int):
 
 
 def plan_steps(unit_tokens, *, tokens_per_step: int, micro_batch_tokens: int, world_size: int, seed: int,
-               epochs: int, max_steps: int = -1) -> list[StepPlan]:
+               epochs: int, max_steps: int = -1, pairs_per_step: int = 0) -> list[StepPlan]:
     """Every optimizer step of the phase, epoch by epoch (a fresh permutation of the units per epoch, from
     (seed, epoch) only). unit_tokens (U,): tokens of each training unit (a SPIN pair: prompt+chosen+prompt+rejected;
-    an SFT example). The steps' units do not depend on world_size (only how they are dealt to ranks does).
+    an SFT example). pairs_per_step > 0: steps of exactly that many units instead of a token budget (the epoch's
+    last step: the remainder). The steps' units do not depend on world_size (only how they are dealt to ranks does).
     InputError if a unit exceeds micro_batch_tokens."""
     pair_tokens = np.asarray(unit_tokens, dtype=np.int64)                     # (U,)
     num_pairs = len(pair_tokens)
@@ -116,7 +121,7 @@ def plan_steps(unit_tokens, *, tokens_per_step: int, micro_batch_tokens: int, wo
     plans = []
     for epoch in range(epochs):
         order = np.random.default_rng([seed, epoch]).permutation(num_pairs)
-        for step in _group_steps(order, pair_tokens, tokens_per_step):
+        for step in _group_steps(order, pair_tokens, tokens_per_step, pairs_per_step):
             ids = np.asarray(step, dtype=np.int64)
             mbs, pad = _deal(ids, pair_tokens, micro_batch_tokens, world_size)
             plans.append(StepPlan(ids, mbs, int(pair_tokens[ids].sum()), epoch, 0, pad))
@@ -337,9 +342,12 @@ class Trainer:
         self.distributed = distributed
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         check_token_range(task.tokens, model.lm_head_weight.shape[0])
+        # micro_batch_tokens 0 (auto; Config.validate resolves it from data.max_length): the longest unit's power of 2
+        mbt = cfg.micro_batch_tokens or 1 << max(0, int(np.max(task.unit_tokens)) - 1).bit_length()
         self.steps = plan_steps(task.unit_tokens, tokens_per_step=cfg.tokens_per_step,
-                                micro_batch_tokens=cfg.micro_batch_tokens, world_size=self.world, seed=seed,
-                                epochs=cfg.epochs, max_steps=cfg.max_steps)
+                                micro_batch_tokens=mbt, world_size=self.world, seed=seed,
+                                epochs=cfg.epochs, max_steps=cfg.max_steps,
+                                pairs_per_step=getattr(cfg, "pairs_per_step", 0))
         self.dropped_pairs = 0                 # every unit is trained (steps too small for the ranks are padded)
         self.optimizer = build_optimizer(model.parameters(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, len(self.steps))

@@ -299,8 +299,13 @@ def test_yaml_values_are_validated(write_yaml):
     (["--max-length=256", "--max-prompt-length=300"], "data.max_prompt_length", r"must be in \[1, data\.max_length=256\)"),
     (["--max-prompt-length=0"], "data.max_prompt_length", "must be in"),
     (["--micro-batch-tokens=2047"], "train.micro_batch_tokens", r"must hold the longest possible pair, 2 \* data\.max_length = 2048"),
-    (["--max-length=9000"], "train.micro_batch_tokens", r"must hold the longest possible pair, 2 \* data\.max_length = 18000"),
-    (["--tokens-per-step=8192"], "train.tokens_per_step", "must be >= train.micro_batch_tokens = 16384"),
+    (["--max-length=9000", "--micro-batch-tokens=16384"], "train.micro_batch_tokens", r"must hold the longest possible pair, 2 \* data\.max_length = 18000"),
+    (["--tokens-per-step=8192", "--micro-batch-tokens=16384"], "train.tokens_per_step",
+     "must be >= train.micro_batch_tokens = 16384"),
+    (["--sft.tokens_per_step=1024"], "sft.tokens_per_step", "must be >= train.micro_batch_tokens = 2048"),
+    (["--pairs-per-step=-1"], "train.pairs_per_step", "must be >= 1"),
+    (["--micro-batch-tokens=-5"], "train.micro_batch_tokens", "must be >= 1"),
+    (["--generate.batch_size=-1"], "generate.batch_size", "must be >= 1"),
     (["--optimizer", "sgd"], "train.optimizer", "must be one of"),
     (["--loss-type", "ipo"], "train.loss_type", "must be one of"),
     (["--train.lr_schedule=step"], "train.lr_schedule", "must be one of"),
@@ -455,3 +460,48 @@ def test_readme_config_table_is_current():
 def test_recipes_load_and_validate(recipe):
     cfg = from_yaml(recipe).validate()
     assert cfg.train.beta == 0.1 and cfg.data.max_length >= 2 * cfg.data.max_prompt_length - 1
+
+
+# --- batch sizes as users state them (issue 12, item 2) ------------------------------------------------------------
+
+@pytest.mark.parametrize("max_length, expected", [(2, 4), (512, 1024), (1000, 2048), (1024, 2048), (1025, 4096),
+                                                  (4096, 8192), (3, 8)])
+def test_micro_batch_tokens_auto_is_the_smallest_power_of_two_holding_the_longest_pair(max_length, expected):
+    argv = [f"--max-length={max_length}", "--max-prompt-length=1"]
+    for given in ([], ["--micro-batch-tokens=auto"], ["--micro-batch-tokens", "AUTO"], ["--micro-batch-tokens=0"]):
+        cfg = load_config(None, argv + given + [f"--tokens-per-step={expected}"])
+        assert cfg.train.micro_batch_tokens == expected >= 2 * max_length > expected // 2
+
+
+def test_paper_max_length_needs_no_micro_batch_tokens():
+    # the paper's lengths alone validate (before: micro_batch_tokens had to be raised by hand)
+    cfg = load_config(None, ["--max-length=1024", "--max-prompt-length=512", "--pairs-per-step=64"])
+    assert (cfg.train.micro_batch_tokens, cfg.train.pairs_per_step) == (2048, 64)
+    cfg = load_config(None, ["--max-length=4096", "--max-prompt-length=512"])          # token mode, default budget
+    assert (cfg.train.micro_batch_tokens, cfg.train.tokens_per_step) == (8192, 65536)
+
+
+def test_explicit_micro_batch_tokens_is_kept_and_checked():
+    assert load_config(None, ["--micro-batch-tokens=3000"]).train.micro_batch_tokens == 3000
+    with pytest.raises(ValueError, match=key_error("train.micro_batch_tokens") + " must hold the longest"):
+        load_config(None, ["--micro-batch-tokens=1000"])
+
+
+def test_auto_in_yaml(write_yaml):
+    cfg = from_yaml(write_yaml("train:\n  micro_batch_tokens: auto\n  pairs_per_step: 64\n"
+                               "generate:\n  batch_size: auto\n")).validate()
+    assert (cfg.train.micro_batch_tokens, cfg.train.pairs_per_step, cfg.generate.batch_size) == (2048, 64, 0)
+    with pytest.raises(ValueError, match=key_error("train.pairs_per_step") + " expected an integer"):
+        from_yaml(write_yaml("train:\n  pairs_per_step: auto\n"))         # only the documented keys take auto
+
+
+@pytest.mark.parametrize("sec, units", [("train", "pairs"), ("sft", "examples")])
+def test_tokens_and_units_per_step_are_exclusive(write_yaml, sec, units):
+    both = [f"--{sec}.tokens_per_step=65536", f"--{sec}.{units}_per_step=64"]
+    with pytest.raises(ValueError, match=re.escape(f"config {sec}.tokens_per_step and {sec}.{units}_per_step are "
+                                                   f"both set (65536, 64)")):
+        load_config(None, both)                     # even at tokens_per_step's default value: both were given
+    with pytest.raises(ValueError, match=f"{sec}.tokens_per_step and {sec}.{units}_per_step"):
+        load_config(write_yaml(f"{sec}:\n  tokens_per_step: 4096\n"), both[1:])   # YAML + CLI alike
+    cfg = load_config(None, both[1:])
+    assert getattr(cfg, sec).__dict__[f"{units}_per_step"] == 64

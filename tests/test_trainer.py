@@ -86,6 +86,40 @@ def test_plan_errors_name_the_problem():
         plan_steps(off, tokens_per_step=300, micro_batch_tokens=128, world_size=1, seed=0, epochs=1)
 
 
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(2, 60), min_size=16, max_size=80).filter(lambda x: len(x) % 2 == 0),
+       per_step=st.integers(1, 12), seed=st.integers(0, 3), epochs=st.integers(1, 2), world=st.sampled_from([1, 2, 4]))
+def test_pairs_per_step_gives_steps_of_exactly_that_many_pairs(lengths, per_step, seed, epochs, world):
+    """train.pairs_per_step = K: every step of an epoch holds exactly K pairs over all ranks, the last the remainder,
+    the same global batches for every world size (ranks short of a pair get zero-weight padding)."""
+    pair_tokens = pair_tokens_of(lengths)                              # (P,)
+    k = per_step * world if per_step % 3 else per_step                 # multiples of the world size, and not
+    steps = plan_steps(pair_tokens, tokens_per_step=1, micro_batch_tokens=128, world_size=world, seed=seed,
+                       epochs=epochs, pairs_per_step=k)                 # tokens_per_step is ignored
+    n = len(pair_tokens)
+    full, rest = divmod(n, k)
+    for epoch in range(epochs):
+        assert [len(s.units) for s in steps if s.epoch == epoch] == [k] * full + [rest] * (rest > 0)
+        ids = np.concatenate([s.units for s in steps if s.epoch == epoch]).tolist()
+        assert sorted(ids) == list(range(n))                           # every pair once, none dropped
+    for s in steps:
+        assert len({len(r) for r in s.micro_batches}) == 1             # ranks step in lockstep
+        assert all(pair_tokens[mb].sum() <= 128 for r in s.micro_batches for mb in r)
+    one = plan_steps(pair_tokens, tokens_per_step=1, micro_batch_tokens=128, world_size=1, seed=seed,
+                     epochs=epochs, pairs_per_step=k)
+    assert [s.units.tolist() for s in one] == [s.units.tolist() for s in steps]
+
+
+def test_trainer_plans_pairs_per_step_and_auto_micro_batch(tmp_path):
+    trainer, pairs = build(tmp_path, cfg_for(pairs_per_step=5, micro_batch_tokens=0, tokens_per_step=1), rows=12)
+    assert [len(s.units) for s in trainer.steps] == [5, 5, 2]
+    longest = int(trainer.task.unit_tokens.max())
+    budget = 1 << (longest - 1).bit_length()                          # the longest pair's power of two
+    assert all(trainer.task.unit_tokens[mb].sum() <= budget for s in trainer.steps for mb in s.micro_batches[0])
+    assert max(len(s.micro_batches[0]) for s in trainer.steps) > 1 >= 0   # budget < a step: accumulation used
+    trainer.train()
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
 def test_lr_factor(schedule):
     total, warm = 10, 2

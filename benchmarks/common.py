@@ -70,9 +70,10 @@ def median_time(fn, repeats: int, sync=lambda: None) -> float:
     return statistics.median(times)
 
 
-def write_results(name: str, rows: list[dict], extra: dict | None = None) -> Path:
+def write_results(name: str, rows: list[dict], extra: dict | None = None, path: Path | None = None) -> Path:
+    """benchmarks/results/NAME-DATE-MACHINE.json (or `path`: a scratch run's own file)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}-{today()}-{machine()}.json"
+    path = Path(path) if path is not None else RESULTS_DIR / f"{name}-{today()}-{machine()}.json"
     payload = {"benchmark": name, "date": today(), "commit": commit(), "machine": machine(), "rows": rows}
     payload.update(extra or {})
     path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -30,9 +30,13 @@ from .genfiles import RowWriter, merge, read_done, shard_path
 from .integrity import OutputLock, dumps
 from .rows import BadRow, load_prompts
 from .runtime import fault_point, init_runtime, on_rank0, run_main, shutdown
-from .sampler import Sampler, SamplingParams
+from .sampler import Sampler, SamplingParams, auto_batch_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _batch_size(text: str) -> int:
+    return 0 if text.strip().lower() == "auto" else int(text)
 
 
 def parse_args(argv=None):
@@ -45,7 +49,8 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=64, help="KV-cache slots per rank")
+    ap.add_argument("--batch-size", type=_batch_size, default=64,
+                    help="KV-cache slots per rank; auto (or 0): on CUDA as many as the free memory holds, on CPU 64")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--greedy", action="store_true")
     ap.add_argument("--max-prompt-length", type=int, default=512)
@@ -75,7 +80,7 @@ def check_args(args) -> None:
          args.temperature)
     need(0 < args.top_p <= 1, "top-p", "must be in (0, 1]", args.top_p)
     need(args.top_k >= 0, "top-k", "must be >= 0", args.top_k)
-    need(args.batch_size >= 1, "batch-size", "must be >= 1", args.batch_size)
+    need(args.batch_size >= 0, "batch-size", "must be >= 1 (or auto)", args.batch_size)
     need(0 <= args.seed < 2 ** 63, "seed", "must be in [0, 2**63)", args.seed)
     need(args.max_prompt_length >= 1, "max-prompt-length", "must be >= 1", args.max_prompt_length)
     need(all(args.stop), "stop", "stop strings must not be empty", args.stop)
@@ -170,7 +175,16 @@ def run(args, rt) -> dict:
     if not kept and not done:
         raise InputError(f"{args.data}: no usable prompts ({len(bad)} bad rows skipped; first: {bad[0]})")
 
-    sampler = Sampler(model, batch_size=args.batch_size, eos_token_ids=eos_ids(model_dir, model, tokenizer),
+    batch_size = args.batch_size
+    if batch_size == 0:                          # auto: the free device memory, at the run's full sequence length
+        batch_size = 64
+        if model.lm_head_weight.device.type == "cuda" and prompts:
+            max_len = min(ctx, max(map(len, prompts)) + args.max_new_tokens)
+            free, _ = torch.cuda.mem_get_info(model.lm_head_weight.device)
+            batch_size = auto_batch_size(model.config, model.lm_head_weight.dtype, max_len, free)
+        if rank == 0:
+            print(f"generate: batch size auto -> {batch_size} KV-cache slots", file=sys.stderr)
+    sampler = Sampler(model, batch_size=batch_size, eos_token_ids=eos_ids(model_dir, model, tokenizer),
                       tokenizer=tokenizer)
     keys = [r.index for r in kept]
     reasons, n_tokens = Counter(), 0

@@ -27,6 +27,7 @@ from .config import Config
 from .data import concat_pairs, load_pairs
 from .errors import InputError
 from .integrity import verify_checksums, write_checksums, write_json
+from .memory import release
 from .phases import generate_phase, sft_phase, train_phase
 from .rows import ORIGIN_KEY, BadRow, SkippedRows, read_rows, sft_row
 from .runtime import Runtime, fault_point, on_rank0
@@ -127,6 +128,7 @@ def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
             seqs, _ = load_sft_sequences(train_file, tokenizer, **data_opts)
             tmp = out / "sft.tmp"
             s = sft_phase(cfg, rt, model_dir=opponent, out_dir=tmp, seqs=seqs, train_cfg=sft_train_cfg(cfg))
+            release()
             if evaluate is not None:
                 s["eval"] = evaluate(tmp)
             publish(rt, tmp, sft_dir, {"phase": "sft", **s})
@@ -175,7 +177,12 @@ def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
         # 3. reference cache + training -> iter{t}.tmp
         s = train_phase(cfg, rt, model_dir=opponent, out_dir=tmp, pairs=pairs, tokenizer=tokenizer,
                         heldout=heldout, cache_path=work / "ref_logps.safetensors", checkpoint_dir=work / "ckpt")
+        release()                    # the policy, its optimizer and the cache pass: back to the OS before the next
         wall = time.perf_counter() - t_iter
+        gens = [g["peak_memory"] for g in (gen, gen_held) if g]
+        s["peak_memory"]["generate"] = max(g["generate"] for g in gens)
+        if "sum_over_ranks" in s["peak_memory"]:
+            s["peak_memory"]["sum_over_ranks"]["generate"] = max(g["sum_over_ranks"]["generate"] for g in gens)
         gen_tokens = gen["new_tokens"] + (gen_held["new_tokens"] if gen_held else 0)
         gen_s = gen["wall_s"] + (gen_held["wall_s"] if gen_held else 0.0)
         summary = {"phase": "spin", "iteration": t, "opponent": str(opponent), **s,

@@ -160,22 +160,42 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys/values, [layers, slots, kv_heads, max_len, head_dim] each (head-major, as in
-    transformers): one slot's keys for one KV head are contiguous, so decode attention reads a layer's
-    cache over all slots as a (slots * kv_heads, len, head_dim) view, with no copy.
+    """Keys/values per layer, [slots, kv_heads, capacity, head_dim] each (head-major, as in transformers): one
+    slot's keys for one KV head are contiguous, so decode attention reads a layer's cache over all slots as a
+    (slots * kv_heads, len, head_dim) view, with no copy. k[i] / v[i]: layer i.
 
-    Fixed slots: the sampler owns which prompt lives in which slot and how long it is; the cache is
-    only storage, so it can be reused across generate() calls without reallocation.
+    Fixed slots: the sampler owns which prompt lives in which slot and how long it is; the cache is only storage,
+    reused across generate() calls. Capacity (`max_len`) grows in chunks (`grow`) as the longest live sequence
+    needs it, instead of slots x (longest prompt + max_new_tokens) up front; one layer is reallocated at a time,
+    so growing costs one layer's copy in memory, not a second cache. The CUDA-graph path allocates its whole
+    capacity once (a captured graph reads fixed addresses).
     """
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device, dtype):
-        shape = (cfg.num_layers, slots, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.slots, self.max_len = slots, max_len
 
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype) -> int:
+        """K + V bytes of one position of one slot over all layers."""
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def grow(self, max_len: int) -> None:
+        """Capacity >= max_len (positions [0, old capacity) kept; the new tail zero), layer by layer."""
+        if max_len <= self.max_len:
+            return
+        for buf in (self.k, self.v):
+            for i, old in enumerate(buf):
+                new = old.new_zeros(old.shape[:2] + (max_len,) + old.shape[3:])         # (SLOTS, KV, M', D)
+                new[:, :, : self.max_len].copy_(old)
+                buf[i] = new
+                del old
+        self.max_len = max_len
+
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 @dataclass
@@ -236,8 +256,8 @@ class Attention(nn.Module):
         if cache is not None and not cache.decode:
             # prefill: every sequence starts an empty slot, so its own K/V are its whole context
             tok_slot = cache.slots.repeat_interleave(cu_seqlens.diff().long(), output_size=n)  # (N,)
-            cache.cache.k[layer, tok_slot, :, position_ids] = k                        # (N, KV, D) rows
-            cache.cache.v[layer, tok_slot, :, position_ids] = v
+            cache.cache.k[layer][tok_slot, :, position_ids] = k                        # (N, KV, D) rows
+            cache.cache.v[layer][tok_slot, :, position_ids] = v
         elif cache is not None:
             raise AssertionError("decode runs through Transformer._decode_forward")
         out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, backend, prepared, scale=self.scale,

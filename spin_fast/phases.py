@@ -16,6 +16,7 @@ import torch
 from . import lora, refcache
 from .config import Config
 from .hf_io import load_model, load_model_sharded, save_model
+from .memory import PhaseMemory, peak_record, release
 from .runtime import Runtime, fault_point
 from .trainer import MetricsLog, SpinTask, Trainer, compute_dtype_for, gather_full_state_dict, prepare_model
 
@@ -84,6 +85,8 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
     heldout: a PairSet of held-out prompts (human answer vs the opponent's): after training, the discriminator
     check. checkpoint_dir: resume from / save checkpoints there (cfg.train.checkpoint_every).
     Returns the phase summary (also what summary.json holds)."""
+    mem = {"cache": PhaseMemory(rt.device), "train": PhaseMemory(rt.device), "save": PhaseMemory(rt.device)}
+    mem["cache"].__enter__()                # the model load counts with the cache pass: the phase's first use
     model, master, compute_dtype = _load_prepared(cfg, rt, model_dir, cfg.train, lora_cfg=cfg.train.lora)
 
     # 1. reference log-probs of the opponent (= these very weights, before the first step), once per iteration
@@ -100,6 +103,7 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
         held_ref = refcache.get_or_build(cache_path.with_name(cache_path.stem + "_heldout.safetensors"), model,
                                          heldout, tokenizer, **cache_opts)
     cache_s = time.perf_counter() - t0
+    mem["cache"].__exit__(None, None, None)
     total_tokens = int(pairs.seq_offsets[-1])
     if rt.is_main:
         log.info("reference cache %s: %s (%s), %.1f s", cache_path, ref.status, ref.reason, cache_s)
@@ -107,16 +111,22 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
     # 2. training
     resuming = checkpoint_dir is not None and (Path(checkpoint_dir) / "latest").is_file()
     metrics = _open_metrics(rt, out_dir, keep=resuming, tensorboard=cfg.train.tensorboard)
-    task = SpinTask(pairs, ref.chosen, ref.rejected, cfg.train, rt.device)
-    trainer = Trainer(model, task, cfg.train, seed=cfg.seed, device=rt.device, distributed=rt.distributed,
-                      metrics=metrics)
-    result = trainer.train(checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.train.checkpoint_every)
-    if metrics is not None:
-        metrics.close()
-    held = heldout_check(model, heldout, held_ref, cfg, rt) if heldout is not None else None
+    with mem["train"]:
+        task = SpinTask(pairs, ref.chosen, ref.rejected, cfg.train, rt.device)
+        trainer = Trainer(model, task, cfg.train, seed=cfg.seed, device=rt.device, distributed=rt.distributed,
+                          metrics=metrics)
+        result = trainer.train(checkpoint_dir=checkpoint_dir, checkpoint_every=cfg.train.checkpoint_every)
+        if metrics is not None:
+            metrics.close()
+        # the optimizer states and gradients are not needed any more: gone before the held-out pass and the save
+        trainer.optimizer.state.clear()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        held = heldout_check(model, heldout, held_ref, cfg, rt) if heldout is not None else None
 
     # 3. the trained policy as an HF folder
-    save_s = _save_trained(cfg, rt, model, model_dir, out_dir, master, lora_cfg=cfg.train.lora)
+    with mem["save"]:
+        save_s = _save_trained(cfg, rt, model, model_dir, out_dir, master, lora_cfg=cfg.train.lora)
+    peak = peak_record(mem, rt.distributed)
     return {
         "pairs": pairs.num_pairs, "world_size": rt.world, "device": str(rt.device),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
@@ -128,6 +138,7 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
                   "bad_steps": result["bad_steps"]},
         "save_s": save_s,
         "heldout": held,
+        "peak_memory": peak,
     }
 
 
@@ -163,8 +174,11 @@ def generate_phase(cfg: Config, rt: Runtime, *, model_dir: Path, data: Path, out
     args = generate.parse_args(argv)
     args.device = str(rt.device)
     t0 = time.perf_counter()
-    summary = generate.run(args, rt)
+    with PhaseMemory(rt.device) as mem:
+        summary = generate.run(args, rt)
     summary["wall_s"] = time.perf_counter() - t0
+    summary["peak_memory"] = peak_record({"generate": mem}, rt.distributed)
+    release()               # the sampler, its KV cache and the opponent copy are gone: their pages back to the OS
     return summary
 
 

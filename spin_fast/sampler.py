@@ -1,6 +1,7 @@
-"""Batched generation with a preallocated KV cache, continuous batching and per-prompt seeding.
+"""Batched generation with a KV cache, continuous batching and per-prompt seeding.
 
-The cache has fixed slots ([layers, slots, max_len, kv_heads, head_dim]). Every slot holds one prompt;
+The cache has fixed slots (per layer [slots, kv_heads, capacity, head_dim]); its capacity grows in chunks of
+KV_CHUNK positions as the longest live sequence needs it (the CUDA-graph path allocates it whole, once). Every slot holds one prompt;
 when its sequence ends (EOS, a stop string, max_new_tokens, or the cache is full) the slot is refilled
 with the next queued prompt: one packed prefill of just the new prompts, written into their slots, and
 the batch stays full with ragged lengths.
@@ -153,6 +154,7 @@ class Sampler:
     """
 
     TINY_MODEL_PARAMS = 2_000_000
+    KV_CHUNK = 128          # eager path: cache capacity grows by this many positions as the longest live sequence
 
     def __init__(self, model: Transformer, batch_size: int = 64, eos_token_ids=None, tokenizer=None,
                  cuda_graphs: str | bool = "auto", prefill_tokens: int = 2048, static_decode: bool = False,
@@ -187,9 +189,15 @@ class Sampler:
 
     # device state, one entry per slot
     def _alloc(self, max_len: int):
-        if self.cache is None or self.cache.max_len < max_len:
-            self.cache = KVCache(self.cfg, self.batch_size, max_len, self.device, self.dtype)
-            self.graphs = {}  # graphs captured against the old cache tensors
+        self.max_len = max_len                      # the run's limit: longest prompt + max_new_tokens (<= context)
+        if self.static_decode:
+            # the graph path reads fixed addresses: the whole capacity once
+            if self.cache is None or self.cache.max_len < max_len:
+                self.cache = None                   # the old one freed before the new one is allocated
+                self.cache = KVCache(self.cfg, self.batch_size, max_len, self.device, self.dtype)
+                self.graphs = {}  # graphs captured against the old cache tensors
+        elif self.cache is None:
+            self.cache = KVCache(self.cfg, self.batch_size, min(max_len, self.KV_CHUNK), self.device, self.dtype)
         B, dev = self.batch_size, self.device
         z = lambda: torch.zeros(B, dtype=torch.long, device=dev)  # noqa: E731
         if not hasattr(self, "tok"):
@@ -245,8 +253,13 @@ class Sampler:
             if self.cpu_threads is not None:
                 torch.set_num_threads(prev)
 
+    def _ensure(self, positions: int) -> None:
+        """Eager path: cache capacity >= positions, grown to the next multiple of KV_CHUNK (at most max_len)."""
+        if positions > self.cache.max_len:
+            self.cache.grow(max(positions, min(self.max_len, -(-positions // self.KV_CHUNK) * self.KV_CHUNK)))
+
     def _loop(self, prompts, params, keys, progress):
-        L = self.cache.max_len
+        L = self.max_len
         B = self.batch_size
         queue = deque(range(len(prompts)))
         slot_prompt = [-1] * B           # prompt index per slot, -1 = free
@@ -321,6 +334,7 @@ class Sampler:
             else:
                 slots_t = self.all_slots if len(active) == B else torch.tensor(active, device=self.device)
                 kv_len = max(slot_pos[s] for s in active) + 1
+                self._ensure(kv_len)
                 toks, lp = self._decode(slots_t, kv_len, params)
             self.stats["steps"] += 1
             n_tok += len(active)
@@ -365,6 +379,7 @@ class Sampler:
                 cu_list.append(cu_list[-1] + m)
             cu = torch.tensor(cu_list, dtype=torch.int32, device=self.device)                      # (S+1,)
             slots_t = torch.tensor(slots, device=self.device)                                     # (S,)
+            self._ensure(max(lens))
             h = self.model(ids, pos, cu, max_seqlen=max(lens), cache=CacheArgs(self.cache, slots_t, decode=False),
                            cu_seqlens_host=cu_list)
             last = torch.tensor(cu_list[1:], device=self.device) - 1
@@ -444,6 +459,23 @@ class Sampler:
             toks, lp = self._decode(self.all_slots, L, params)
         self._graph_out[params] = (toks, lp)
         return g
+
+
+def auto_batch_size(cfg, dtype: torch.dtype, max_len: int, free_bytes: int, *, headroom: float = 0.1,
+                    max_slots: int = 1024) -> int:
+    """generate.batch_size = auto on CUDA: the most KV-cache slots that the free memory (free_bytes, from
+    torch.cuda.mem_get_info after the model is loaded) holds at full length, keeping `headroom` of it free.
+
+    Per slot: the K/V of max_len positions over all layers (the graph path allocates the whole capacity), plus the
+    decode step's per-row workspace: the (V,) fp32 logits and the sampler's copies of them (softmax, sort or mask,
+    an fp64 CDF: ~6 fp32-sized rows) and one layer's attention scores (H x max_len fp32). Rounded down to a multiple
+    of 8 (tensor-core friendly M), at least 1, at most max_slots."""
+    kv = KVCache.bytes_per_token(cfg, dtype) * max_len
+    work = 6 * 4 * cfg.vocab_size + 4 * cfg.num_heads * max_len
+    n = int(free_bytes * (1.0 - headroom)) // (kv + work)
+    if n >= 8:
+        n -= n % 8
+    return max(1, min(max_slots, n))
 
 
 def generate_sharded(sampler: Sampler, prompts: list[list[int]], params: SamplingParams,

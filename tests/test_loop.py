@@ -67,6 +67,8 @@ def test_iterations_and_their_reports(reference_run, assets):
             assert s[phase]["tokens_per_s"] > 0 and s[phase]["wall_s"] > 0, phase
         assert s["generate"]["prompts"] == 200 and s["heldout"]["pairs"] == 20
         assert 0 <= s["heldout"]["accuracy"] <= 1 and s["iteration_wall_s"] > 0
+        mem = s["peak_memory"]                                       # MiB per phase (peak RSS on CPU)
+        assert mem["unit"] == "MiB" and all(mem[p] > 10 for p in ("generate", "cache", "train", "save"))
         rows = [json.loads(line) for line in (out / f"iter{t}" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, s["train"]["steps"] + 1))
         assert not (out / f"iter{t}.tmp").exists() and not (out / f"iter{t}.work" / "ckpt").exists()

@@ -90,19 +90,26 @@ def test_backend_choice():
         check_backend("xformers")
 
 
-def test_prefill_then_decode_equals_full_forward(hf_pair):
+@pytest.mark.parametrize("grow_to", [None, 10, 13])
+def test_prefill_then_decode_equals_full_forward(hf_pair, grow_to):
+    """grow_to: the cache starts just large enough for the prefill and grows (chunked capacity) before decoding."""
     _, _, ours, _ = hf_pair
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, TINY["vocab_size"], (n,), generator=g) for n in (9, 5)]
     with torch.no_grad():
         full = [ours(s, torch.arange(len(s))) for s in seqs]
-        cache = KVCache(ours.config, slots=3, max_len=16, device="cpu", dtype=torch.float32)
+        cache = KVCache(ours.config, slots=3, max_len=16 if grow_to is None else 8, device="cpu", dtype=torch.float32)
         # prefill all but the last token into slots 2 and 0, then decode the last tokens together
         pre = [s[:-1] for s in seqs]
         cu = torch.tensor([0, len(pre[0]), len(pre[0]) + len(pre[1])], dtype=torch.int32)
         pos = torch.cat([torch.arange(len(p)) for p in pre])
         slots = torch.tensor([2, 0])
         h_pre = ours(torch.cat(pre), pos, cu, cache=CacheArgs(cache, slots, decode=False))
+        if grow_to is not None:
+            before = [t.clone() for t in cache.k]
+            cache.grow(grow_to)
+            assert cache.max_len == grow_to and all(t.shape[2] == grow_to for t in cache.k + cache.v)
+            assert all(torch.equal(a, b[:, :, :8]) for a, b in zip(before, cache.k))      # kept as written
         h_dec = ours(torch.stack([s[-1] for s in seqs]), torch.tensor([len(p) for p in pre]),
                      cache=CacheArgs(cache, slots, decode=True, kv_len=10))
     torch.testing.assert_close(h_pre[: len(pre[0])], full[0][:-1], atol=1e-5, rtol=1e-5)

@@ -302,3 +302,49 @@ def test_cpu_threads_restored_and_output_unchanged(tiny):
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
     with pytest.raises(ValueError, match="cpu_threads"):
         Sampler(ours, cpu_threads=0)
+
+
+# --- KV-cache sizing (issue 12, item 1) ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [4, 7, 128])
+def test_chunked_cache_grows_as_used_and_changes_nothing(tiny, chunk):
+    """The eager path's cache starts at one chunk and grows by chunks to what the longest live sequence needs:
+    the tokens and log-probs are those of the static path (whole capacity up front), for ragged lengths and a chunk
+    that divides nothing."""
+    _, ours = tiny
+    prompts = rand_prompts(9, 64, seed=5, lo=3, hi=30)
+    params = SamplingParams(max_new_tokens=25, temperature=1.0, seed=1, return_logprobs=True)
+    grow = Sampler(ours, batch_size=3)
+    grow.KV_CHUNK = chunk
+    sizes, out = [], []
+    for g in grow.stream(prompts, params):
+        out.append(g)
+        sizes.append(grow.cache.max_len)
+    sta = Sampler(ours, batch_size=3, static_decode=True).generate(prompts, params)
+    out.sort(key=lambda g: g.index)
+    assert [g.token_ids for g in out] == [g.token_ids for g in sta]
+    for a, b in zip(out, sta):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=1e-5)
+    full = max(map(len, prompts)) + params.max_new_tokens
+    longest = max(len(p) + len(g.token_ids) for p, g in zip(prompts, out))       # positions ever written + 1
+    assert grow.cache.max_len < full or chunk == 128 or longest + chunk > full
+    assert grow.cache.max_len <= min(full, -(-longest // chunk) * chunk)          # never more than one chunk spare
+    assert sizes == sorted(sizes)                                                 # grows, never reallocated down
+
+
+def test_auto_batch_size_fills_the_free_memory():
+    """generate.batch_size = auto on CUDA, with a fake free-memory number (no GPU needed)."""
+    from spin_fast.model import KVCache
+    from spin_fast.sampler import auto_batch_size
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(num_layers=30, num_kv_heads=3, head_dim=64, vocab_size=49152, num_heads=9)   # SmolLM2-135M
+    per_tok = KVCache.bytes_per_token(cfg, torch.bfloat16)
+    assert per_tok == 2 * 30 * 3 * 64 * 2
+    gib = 1 << 30
+    n = auto_batch_size(cfg, torch.bfloat16, 768, 8 * gib)
+    per_slot = per_tok * 768 + 6 * 4 * 49152 + 4 * 9 * 768
+    assert n % 8 == 0 and n * per_slot <= 0.9 * 8 * gib < (n + 8) * per_slot
+    assert auto_batch_size(cfg, torch.bfloat16, 768, 16 * gib) >= 2 * n - 8           # linear in the free memory
+    assert auto_batch_size(cfg, torch.float32, 768, 8 * gib) < n                      # fp32 K/V: fewer slots
+    assert auto_batch_size(cfg, torch.bfloat16, 768, 1 << 20) == 1                     # at least one slot
+    assert auto_batch_size(cfg, torch.bfloat16, 16, 1 << 40) == 1024                   # capped

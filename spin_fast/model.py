@@ -132,7 +132,7 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if self.lora is not None:   # W x + b + (alpha/r) B A dropout(x); never prepacked (cpu_prepacked refuses)
-            return super().forward(x) + self.lora(x)
+            return self.lora.add_to(super().forward(x), x)
         if self.packed is not None and not torch.is_grad_enabled():
             return _packed_linear(x, self.packed, self.bias)
         return super().forward(x)

@@ -347,6 +347,21 @@ def _collate_reference(pairs: list[int], tokens: np.ndarray, seq_offsets: np.nda
     }
 
 
+def response_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows that carry a loss, chosen on the host: only response tokens have a target (prompt positions and each
+    sequence's last token hold IGNORE_INDEX), so the LM-head kernels, whose cost is R·H·V, get just those rows.
+
+    Adds scored (R,) int64 (row indices into the N packed tokens, ascending), and the gathered scored_targets (R,)
+    and, when the batch has seq_index, scored_seq_index (R,): the step then needs one index_select of the hidden
+    states (hidden.index_select(0, scored), backward an index_add) and no device-side mask (no host sync).
+    """
+    scored = np.flatnonzero(batch["targets"] != IGNORE_INDEX).astype(np.int64)       # (R,)
+    out = dict(batch, scored=scored, scored_targets=batch["targets"][scored])
+    if "seq_index" in batch:
+        out["scored_seq_index"] = batch["seq_index"][scored]
+    return out
+
+
 def to_torch(batch: dict[str, np.ndarray], device=None) -> dict:
     """A collated micro-batch as torch tensors (zero-copy on CPU; `device` moves it)."""
     import torch

@@ -29,7 +29,7 @@ import torch
 
 from .errors import InputError
 from .kernels import linear_logprobs
-from .packing import IGNORE_INDEX, check_token_range, collate, pair_token_counts, plan_micro_batches, to_torch
+from .packing import check_token_range, collate, pair_token_counts, plan_micro_batches, response_rows, to_torch
 from .runtime import fault_point
 
 log = logging.getLogger(__name__)
@@ -173,20 +173,19 @@ def compute_ref_logps(model, pairs, *, token_budget: int | None = None, impl: st
     done = 0
     try:
         for mb in mine:
-            host = collate(mb, pairs.tokens, pairs.seq_offsets, pairs.prompt_lens)
-            max_seqlen = int(np.diff(host["cu_seqlens"]).max())                  # on the host: no device sync
             # only response tokens reach the LM head (prompt and last tokens have no target): chosen on the host
-            scored = torch.from_numpy(np.flatnonzero(host["targets"] != IGNORE_INDEX)).to(device)      # (R,)
+            host = response_rows(collate(mb, pairs.tokens, pairs.seq_offsets, pairs.prompt_lens))
+            max_seqlen = int(np.diff(host["cu_seqlens"]).max())                  # on the host: no device sync
             b = to_torch(host, device)
             hidden = model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen,
                            cu_seqlens_host=host["cu_seqlens"])                              # (N, H)
             # targets are token ids, range-checked above: no per-batch device sync
-            tok = linear_logprobs(hidden[scored], model.lm_head_weight, b["targets"][scored], impl=impl,
-                                  memory_budget_bytes=memory_budget_bytes, check_values=False,
+            tok = linear_logprobs(hidden.index_select(0, b["scored"]), model.lm_head_weight, b["scored_targets"],
+                                  impl=impl, memory_budget_bytes=memory_budget_bytes, check_values=False,
                                   softcap=model.logit_softcap)                                          # (R,)
             nseq = host["cu_seqlens"].size - 1
             seq = torch.zeros(nseq, dtype=torch.float32, device=device).index_add_(
-                0, b["seq_index"][scored], tok.float())                                                 # (S,)
+                0, b["scored_seq_index"], tok.float())                                                  # (S,)
             chosen[b["pair_ids"]] = seq[b["chosen_index"]]
             rejected[b["pair_ids"]] = seq[b["rejected_index"]]
             done += 1

@@ -18,7 +18,7 @@ import torch
 from .data import render_pair_side
 from .errors import InputError
 from .kernels import linear_logprobs
-from .packing import IGNORE_INDEX
+from .packing import IGNORE_INDEX, response_rows, to_torch
 from .rows import BadRow, SkippedRows, paths_of, read_rows, sft_row
 
 SFT_METRICS = ("loss", "response_tokens")
@@ -66,7 +66,8 @@ def load_sft_sequences(paths, tokenizer, *, max_length: int, max_prompt_length: 
 
 def collate_sequences(ids, tokens, seq_offsets, prompt_lens) -> dict[str, np.ndarray]:
     """Packed arrays for sequences `ids` (no padding): input_ids, position_ids, cu_seqlens, targets (the next token
-    on response positions, IGNORE_INDEX elsewhere and at each sequence's last token)."""
+    on response positions, IGNORE_INDEX elsewhere and at each sequence's last token), and packing.response_rows'
+    scored / scored_targets (the rows the loss kernel gets)."""
     ids = np.asarray(ids, dtype=np.int64)
     starts, ends = seq_offsets[ids], seq_offsets[ids + 1]
     lens = ends - starts                                                                  # (S,)
@@ -80,8 +81,8 @@ def collate_sequences(ids, tokens, seq_offsets, prompt_lens) -> dict[str, np.nda
     plen = np.repeat(prompt_lens[ids], lens)
     scored = (local >= plen - 1) & (local < np.repeat(lens, lens) - 1)                    # predicts a response token
     targets[scored] = tokens[flat[scored] + 1]
-    return {"input_ids": input_ids, "position_ids": local.astype(np.int64), "cu_seqlens": cu.astype(np.int32),
-            "targets": targets, "scored": np.flatnonzero(scored)}
+    return response_rows({"input_ids": input_ids, "position_ids": local.astype(np.int64),
+                          "cu_seqlens": cu.astype(np.int32), "targets": targets})
 
 
 class SftTask:
@@ -104,11 +105,11 @@ class SftTask:
         s = self.seqs
         host = collate_sequences(seq_ids, s.tokens, s.seq_offsets, s.prompt_lens)
         max_seqlen = int(np.diff(host["cu_seqlens"]).max())
-        scored = torch.from_numpy(host["scored"]).to(self.device)                         # (R,)
-        b = {k: torch.from_numpy(v).to(self.device) for k, v in host.items() if k != "scored"}
+        b = to_torch(host, self.device)
         hidden = model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen,
                        cu_seqlens_host=host["cu_seqlens"])                              # (N, H)
-        logps = linear_logprobs(hidden[scored], model.lm_head_weight, b["targets"][scored], impl=self.cfg.impl,
+        logps = linear_logprobs(hidden.index_select(0, b["scored"]), model.lm_head_weight, b["scored_targets"],
+                                impl=self.cfg.impl,
                                 memory_budget_bytes=self.cfg.logits_budget_mib << 20, check_values=False,
                                 softcap=model.logit_softcap)                                   # (R,)
         loss = -logps.sum() / normalizer

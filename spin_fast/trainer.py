@@ -33,7 +33,7 @@ import torch.distributed as dist
 from .errors import InputError
 from .integrity import dumps
 from .kernels import spin_loss_from_hidden
-from .packing import check_token_range, collate, pair_token_counts, plan_micro_batches, to_torch
+from .packing import check_token_range, collate, pair_token_counts, plan_micro_batches, response_rows, to_torch
 from .runtime import fault_point
 
 METRIC_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -288,14 +288,17 @@ class SpinTask:
         """Forward + backward of one micro-batch; returns its (7,) metric contributions (sums over its pairs /
         normalizer, so the step's rows add up to means over the step's pairs). weight 0: a padding replica."""
         p, cfg = self.pairs, self.cfg
-        host = collate(pair_ids, p.tokens, p.seq_offsets, p.prompt_lens)
+        # only the R response rows (prompt rows and last tokens have no target) go through the LM head: chosen on
+        # the host, so the step does one index_select and no host sync
+        host = response_rows(collate(pair_ids, p.tokens, p.seq_offsets, p.prompt_lens))
         max_seqlen = int(np.diff(host["cu_seqlens"]).max())
         num_seqs = host["cu_seqlens"].size - 1
         b = to_torch(host, self.device)
         hidden = model(b["input_ids"], b["position_ids"], b["cu_seqlens"], max_seqlen=max_seqlen,
                        cu_seqlens_host=host["cu_seqlens"])                                  # (N, H)
         loss, m = spin_loss_from_hidden(
-            hidden, model.lm_head_weight, b["targets"], b["seq_index"], b["chosen_index"], b["rejected_index"],
+            hidden.index_select(0, b["scored"]), model.lm_head_weight, b["scored_targets"],         # (R, H), (R,)
+            b["scored_seq_index"], b["chosen_index"], b["rejected_index"],
             self.ref_chosen[b["pair_ids"]], self.ref_rejected[b["pair_ids"]], beta=cfg.beta,
             loss_type=cfg.loss_type, normalizer=normalizer, impl=cfg.impl, rpo_alpha=cfg.rpo_alpha,
             num_sequences=num_seqs, check_values=False, memory_budget_bytes=cfg.logits_budget_mib << 20,

@@ -199,6 +199,11 @@ def test_collate_hand_example(backend):
         assert b[k].dtype == (np.int32 if k == "cu_seqlens" else np.int64), k
     t = pk.to_torch(b)
     assert t["targets"].tolist() == expect["targets"]
+    r = pk.response_rows(b)                                  # the rows the loss kernels get: targets != -100
+    assert r["scored"].tolist() == [0, 1, 3, 6, 7, 10] and r["scored"].dtype == np.int64
+    assert r["scored_targets"].tolist() == [8, 9, 5, 13, 14, 15]
+    assert r["scored_seq_index"].tolist() == [0, 0, 1, 2, 2, 3]
+    assert all(r[k] is b[k] for k in b)                      # the batch itself is left as it was
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from spin_fast import refcache
 from spin_fast.config import TrainCfg
 from spin_fast.loss import reference_token_logprobs
-from spin_fast.packing import IGNORE_INDEX
+from spin_fast.packing import IGNORE_INDEX, pair_token_counts
 from spin_fast.trainer import (MetricsLog, SpinTask, Trainer, TrainingDiverged, lr_factor, plan_steps,
                                prepare_model)
 
@@ -201,6 +201,38 @@ def check_step_gradient(tmp_path, loss_type, micro_batch_tokens, checkpointing, 
         blk.checkpoint_activations = False
     loss = naive_step_loss(oracle, trainer.task.ref_chosen, trainer.task.ref_rejected, pairs, step.units.tolist(),
                            cfg.beta, loss_type, rpo_alpha)
+    loss.backward()
+    torch.testing.assert_close(vec[0], loss.detach(), atol=1e-5, rtol=1e-5)
+    for n, p in oracle.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=2e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+def test_only_response_rows_reach_the_loss_kernel(tmp_path, monkeypatch, impl):
+    """The LM-head kernel gets the R response rows (not the N packed rows) and the step gradient is still the naive
+    full-logits loss's (prompt rows of the hidden states get a zero gradient through index_select's backward)."""
+    import spin_fast.trainer as trainer_mod
+    seen = []
+
+    def spy(hidden, *a, **kw):
+        seen.append((hidden.shape[0], a[1].shape[0]))
+        return real(hidden, *a, **kw)
+    real = trainer_mod.spin_loss_from_hidden
+    monkeypatch.setattr(trainer_mod, "spin_loss_from_hidden", spy)
+    cfg = cfg_for(micro_batch_tokens=200, impl=impl)
+    trainer, pairs = build(tmp_path, cfg, model=tiny_model(seed=0), ref_model=tiny_model(seed=1))
+    step = trainer.steps[0]
+    vec = sum(trainer.task.micro_batch(trainer.model, mb, len(step.units)) for mb in step.micro_batches[0])
+    counts = pair_token_counts(pairs.seq_offsets)
+    for (rows, seq_rows), mb in zip(seen, step.micro_batches[0]):
+        response = int(sum(pairs.seq_offsets[s + 1] - pairs.seq_offsets[s] - pairs.prompt_lens[s] for p in mb
+                           for s in (2 * p, 2 * p + 1)))
+        assert rows == seq_rows == response < counts[mb].sum()
+    got = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    oracle = copy.deepcopy(trainer.model)
+    oracle.zero_grad(set_to_none=True)
+    loss = naive_step_loss(oracle, trainer.task.ref_chosen, trainer.task.ref_rejected, pairs, step.units.tolist(),
+                           cfg.beta)
     loss.backward()
     torch.testing.assert_close(vec[0], loss.detach(), atol=1e-5, rtol=1e-5)
     for n, p in oracle.named_parameters():

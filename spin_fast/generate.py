@@ -236,7 +236,8 @@ def run(args, rt) -> dict:
     dt = time.perf_counter() - t0
     summary = {"rows": n_rows, "already_done": len(done), "generated": len(kept), **bad.summary(),
                "truncated_prompts": truncated, "finish_reasons": dict(reasons),
-               "new_tokens": n_tokens, "seconds": round(dt, 2), "tokens_per_s": round(n_tokens / max(dt, 1e-9), 1)}
+               "new_tokens": n_tokens, "seconds": round(dt, 2), "tokens_per_s": round(n_tokens / max(dt, 1e-9), 1),
+               "decode": sampler.graph_report()}                            # CUDA graph, or eager after a fallback
     if rank == 0:
         for msg in bad[:10]:
             print(f"skipped: {msg}", file=sys.stderr)

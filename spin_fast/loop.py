@@ -188,7 +188,8 @@ def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
         summary = {"phase": "spin", "iteration": t, "opponent": str(opponent), **s,
                    "generate": {"prompts": gen["generated"] + gen["already_done"], "new_tokens": gen_tokens,
                                 "wall_s": gen_s, "tokens_per_s": gen_tokens / max(gen_s, 1e-9),
-                                "finish_reasons": gen["finish_reasons"], "resumed_rows": gen["already_done"]},
+                                "finish_reasons": gen["finish_reasons"], "resumed_rows": gen["already_done"],
+                                "decode": gen.get("decode")},            # CUDA graph or eager (+ why)
                    "iteration_wall_s": wall,
                    # end to end: the SPIN data this iteration produced and trained on, per second of the iteration
                    "iteration_tokens_per_s": s["train"]["tokens"] / max(wall, 1e-9),

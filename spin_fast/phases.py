@@ -17,6 +17,7 @@ from . import lora, refcache
 from .config import Config
 from .hf_io import load_model, load_model_sharded, save_model
 from .memory import PhaseMemory, peak_record, release
+from .kernels import loss_impl_report
 from .runtime import Runtime, fault_point
 from .trainer import MetricsLog, SpinTask, Trainer, compute_dtype_for, gather_full_state_dict, prepare_model
 
@@ -139,6 +140,7 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
         "save_s": save_s,
         "heldout": held,
         "peak_memory": peak,
+        "loss_impl": loss_impl_report(cfg.train.impl, rt.device),     # did impl=auto fall back from Triton?
     }
 
 
@@ -196,6 +198,7 @@ def sft_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, seqs,
         metrics.close()
     _save_trained(cfg, rt, model, model_dir, out_dir, master)
     return {"sequences": seqs.num_sequences, "steps": result["steps"], "tokens": result["tokens"],
-            "wall_s": result["wall_s"], "tokens_per_s": result["tokens_per_s"], "final": result["final"]}
+            "wall_s": result["wall_s"], "tokens_per_s": result["tokens_per_s"], "final": result["final"],
+            "loss_impl": loss_impl_report(tcfg.impl, rt.device)}
 
 

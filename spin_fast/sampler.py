@@ -18,6 +18,7 @@ inside `model.cpu_prepacked()` (prepacked fp32 GEMMs) and decodes only the activ
 from __future__ import annotations
 
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
@@ -28,6 +29,7 @@ from .model import CacheArgs, KVCache, Transformer
 
 M32 = 0xFFFFFFFF
 FINISH_REASONS = ("stop", "length")
+_GRAPH_WARNED = False          # process state: the CUDA-graph fallback warns once per process
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,12 @@ class Sampler:
         self.tokenizer = tokenizer
         self.device = model.lm_head_weight.device
         self.dtype = model.lm_head_weight.dtype
-        self.use_graphs = (self.device.type == "cuda") if cuda_graphs == "auto" else bool(cuda_graphs)
-        if self.use_graphs and self.device.type != "cuda":
+        # "auto": graphs on CUDA, and if a capture or replay fails, one warning and eager decode from then on
+        # (graph_report() says which ran and why; generate's summary records it). True: failures raise.
+        self.graphs_requested = cuda_graphs
+        self.graph_fallback_reason: str | None = None
+        self.use_graphs = self._graphs_possible() if cuda_graphs == "auto" else bool(cuda_graphs)
+        if self.use_graphs and not self._graphs_possible():
             raise ValueError(f"cuda_graphs=True needs a CUDA model, got device {self.device}")
         # the graph path's static-shape decode, also selectable eagerly (how CPU tests cover its logic)
         self.static_decode = self.use_graphs or static_decode
@@ -186,6 +192,28 @@ class Sampler:
         self._step_tables: dict = {}
         # cumulative: tokens sampled by decode steps (first tokens come from prefill), prompt tokens prefilled
         self.stats = {"tokens": 0, "prefill_tokens": 0, "steps": 0, "seconds": 0.0}
+
+    def _graphs_possible(self) -> bool:
+        return self.device.type == "cuda"
+
+    def graph_report(self) -> dict:
+        """{"requested", "used": "cuda_graph" | "eager", "fallback_reason"?}: what decoded, for summaries."""
+        out = {"requested": self.graphs_requested, "used": "cuda_graph" if self.use_graphs else "eager"}
+        if self.graph_fallback_reason is not None:
+            out["fallback_reason"] = self.graph_fallback_reason
+        return out
+
+    def _graph_failed(self, what: str, e: Exception) -> None:
+        """cuda_graphs="auto": record, warn once per process, decode eagerly (the same static-shape step)."""
+        global _GRAPH_WARNED
+        if self.graphs_requested != "auto":
+            raise e
+        self.graph_fallback_reason = f"{what}: {type(e).__name__}: {str(e).strip()[:300]}"
+        self.use_graphs, self.graphs = False, {}
+        if not _GRAPH_WARNED:
+            _GRAPH_WARNED = True
+            warnings.warn(f"spin_fast: CUDA-graph decode failed ({self.graph_fallback_reason}); decoding eagerly "
+                          "(slower, same tokens)", RuntimeWarning, stacklevel=3)
 
     # device state, one entry per slot
     def _alloc(self, max_len: int):
@@ -241,7 +269,10 @@ class Sampler:
             self._step_tables[n_steps] = step_hash(torch.arange(n_steps, device=self.device))
         self.step_hashes = self._step_tables[n_steps]
         if self.use_graphs and params not in self.graphs:
-            self.graphs[params] = self._capture(params)
+            try:
+                self.graphs[params] = self._capture(params)
+            except Exception as e:                                         # noqa: BLE001 - see _graph_failed
+                self._graph_failed("capture", e)
         # CPU: prepacked fp32 weights for the whole run (packed now, dropped at the end: never stale)
         prev = torch.get_num_threads()
         try:
@@ -324,10 +355,15 @@ class Sampler:
                 continue
             if self.static_decode:
                 # all slots, whole cache length: the shapes a CUDA graph needs (finished slots compute garbage)
+                replayed = False
                 if self.use_graphs:
-                    self.graphs[params].replay()
-                    tok_out, lp_out = self._graph_out[params]
-                else:
+                    try:
+                        self.graphs[params].replay()
+                        tok_out, lp_out = self._graph_out[params]
+                        replayed = True
+                    except Exception as e:                                 # noqa: BLE001 - see _graph_failed
+                        self._graph_failed("replay", e)
+                if not replayed:
                     tok_out, lp_out = self._decode(self.all_slots, L, params)
                 idx = torch.tensor(active, device=self.device) if len(active) < B else self.all_slots
                 toks, lp = tok_out[idx], (lp_out[idx] if lp_out is not None else None)

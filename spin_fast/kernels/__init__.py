@@ -21,10 +21,10 @@ from .loss import reference_token_logprobs
 
 from .checks import check_linear_inputs, check_softcap
 from .chunked import ChunkedLinearLogprobs, chunk_rows
-from .dispatch import resolve_impl
+from .dispatch import loss_impl_report, resolve_impl
 from .spin_fused import spin_loss_from_hidden
 
-__all__ = ["linear_logprobs", "spin_loss_from_hidden", "chunk_rows"]
+__all__ = ["linear_logprobs", "spin_loss_from_hidden", "chunk_rows", "loss_impl_report"]
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
@@ -39,7 +39,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     targets = check_linear_inputs(hidden, weight, targets, ignore_index, check_values=check_values)
     softcap = check_softcap(softcap)
-    impl = resolve_impl(impl, hidden)
+    impl = resolve_impl(impl, hidden, weight, softcap)
     if impl == "reference":
         compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         return reference_token_logprobs(hidden, weight, targets, ignore_index, compute_dtype, softcap=softcap)

@@ -199,7 +199,7 @@ def spin_loss_from_hidden(
     check_reduction(reduction, allowed=("mean", "sum"))
     targets = check_linear_inputs(hidden, weight, targets, ignore_index, check_values=check_values)
     softcap = check_softcap(softcap)
-    impl = resolve_impl(impl, hidden)
+    impl = resolve_impl(impl, hidden, weight, softcap)
     num_sequences = check_packed_layout(hidden.shape[0], seq_index, chosen_index, rejected_index, hidden.device,
                                         num_sequences=num_sequences, check_values=check_values)
     seq_index, chosen_index, rejected_index = seq_index.long(), chosen_index.long(), rejected_index.long()

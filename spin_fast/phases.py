@@ -16,8 +16,8 @@ import torch
 from . import lora, refcache
 from .config import Config
 from .hf_io import load_model, load_model_sharded, save_model
-from .memory import PhaseMemory, peak_record, release
 from .kernels import loss_impl_report
+from .memory import PhaseMemory, peak_record, release
 from .runtime import Runtime, fault_point
 from .trainer import MetricsLog, SpinTask, Trainer, compute_dtype_for, gather_full_state_dict, prepare_model
 

@@ -69,6 +69,9 @@ def test_iterations_and_their_reports(reference_run, assets):
         assert 0 <= s["heldout"]["accuracy"] <= 1 and s["iteration_wall_s"] > 0
         mem = s["peak_memory"]                                       # MiB per phase (peak RSS on CPU)
         assert mem["unit"] == "MiB" and all(mem[p] > 10 for p in ("generate", "cache", "train", "save"))
+        # what ran, recorded (on CUDA a Triton or CUDA-graph failure would show here as a fallback)
+        assert s["loss_impl"] == {"requested": "auto", "used": "torch"}
+        assert s["generate"]["decode"] == {"requested": "auto", "used": "eager"}
         rows = [json.loads(line) for line in (out / f"iter{t}" / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, s["train"]["steps"] + 1))
         assert not (out / f"iter{t}.tmp").exists() and not (out / f"iter{t}.work" / "ckpt").exists()

@@ -27,6 +27,7 @@ ARMS = {
     "sigmoid0.03": ["--train.loss_type", "sigmoid", "--train.beta", "0.03"],
     "sigmoid0.3": ["--train.loss_type", "sigmoid", "--train.beta", "0.3"],
     "sigmoid1": ["--train.loss_type", "sigmoid", "--train.beta", "1.0"],
+    "sigmoid0.1_lr1e-3": ["--train.loss_type", "sigmoid", "--train.beta", "0.1", "--train.lr", "1e-3"],
     "hinge1": ["--train.loss_type", "hinge", "--train.beta", "1.0"],
     "sigmoid0.1_rpo1": ["--train.loss_type", "sigmoid", "--train.beta", "0.1", "--train.rpo_alpha", "1.0"],
     "sigmoid0.1_mix": ["--train.loss_type", "sigmoid", "--train.beta", "0.1", "--loop.mix_previous", "true"],

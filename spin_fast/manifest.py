@@ -99,6 +99,30 @@ def _show(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def _refuse(diffs, folder) -> None:
+    key, was, now_ = diffs[0]
+    more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+    raise InputError(f"--resume: {key} differs from the run in {folder} ({_show(was)} there, {_show(now_)} "
+                     f"now){more}: resuming would mix two setups in one run; restore it, choose a new "
+                     f"--output, or pass --resume-force to continue anyway (recorded in {NAME})")
+
+
+def check_finished(folder, cfg: Config, tokenizer, world_size: int) -> None:
+    """--resume of a finished --pairs run (nothing left to compute, its summary is re-reported): InputError at the
+    first key that differs from its manifest, as for an interrupted run, unless --resume-force; a user who changed
+    train.lr must not be handed the old run's result as if it were the new one's. Nothing is written."""
+    path = Path(folder) / NAME
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: unreadable ({type(e).__name__}: {e}); the finished run's setup cannot be "
+                         f"checked; choose a new --output") from None
+    # the code version may differ: nothing is computed by this code
+    diffs = [d for d in differences(old, build(cfg, tokenizer, world_size)) if d[0] != "code_version"]
+    if diffs and not cfg.resume_force:
+        _refuse(diffs, folder)
+
+
 def check_and_write(folder, cfg: Config, tokenizer, world_size: int) -> dict:
     """At the start of a run (rank 0): refuse a used folder without --resume, compare on --resume (InputError at
     the first differing key, unless --resume-force), then write the manifest. Returns it."""
@@ -119,11 +143,7 @@ def check_and_write(folder, cfg: Config, tokenizer, world_size: int) -> dict:
                 from None
         diffs = differences(old, new)
         if diffs and not cfg.resume_force:
-            key, was, now_ = diffs[0]
-            more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
-            raise InputError(f"--resume: {key} differs from the run in {folder} ({_show(was)} there, {_show(now_)} "
-                             f"now){more}: resuming would mix two setups in one run; restore it, choose a new "
-                             f"--output, or pass --resume-force to continue anyway (recorded in {NAME})")
+            _refuse(diffs, folder)
         event["event"] = "resume-force" if diffs else "resume"
         event["changed"] = {k: [was, now_] for k, was, now_ in diffs}
     elif cfg.resume and any(folder.glob("iter*")) and not cfg.resume_force:

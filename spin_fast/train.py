@@ -127,6 +127,7 @@ def main(argv=None) -> dict:
             mode = "data.pairs (the training phase alone)" if cfg.data.pairs else "data.sft (the SPIN loop)"
             log.warning("config keys set but ignored with %s: %s", mode, ", ".join(ignored_keys(cfg)))
     if cfg.data.pairs and (done := on_rank0(rt, lambda: rundir.finished_pairs_run(cfg))) is not None:
+        on_rank0(rt, lambda: manifest.check_finished(cfg.output, cfg, load_tokenizer(cfg.model.path), rt.world))
         if rt.is_main:
             log.info("%s is a finished run already: nothing to resume", cfg.output)
         shutdown(rt)

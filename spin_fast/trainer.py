@@ -312,7 +312,7 @@ class SpinTask:
 
 # --- the loop -------------------------------------------------------------------------------------------------------
 
-class TrainingDiverged(ValueError):
+class TrainingDiverged(InputError):   # the config made it diverge (train.lr, ...): one line, exit 2
     """A non-finite loss, gradient norm or weight: the phase stops and publishes nothing (one line, exit 2)."""
 
 

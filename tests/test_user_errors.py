@@ -230,3 +230,29 @@ def test_torchrun_every_rank_stops(model, tmp_path, files):
                                                            or what.startswith("stopped: another rank stopped"))
                    for who, what in ours), err
         assert "spin_fast/" not in "".join(ln for ln in err.splitlines() if ln.strip().startswith("File ")), err
+
+
+# --- what a run computed is never silently mixed up (issue 13) ----------------------------------------------------
+
+def _pairs(files, n=8):
+    return files("pairs.jsonl", [{"prompt": [{"role": "user", "content": f"<rev>: ab{chr(97 + i)}"}],
+                                  "chosen": [{"role": "assistant", "content": f"{chr(97 + i)}ba"}],
+                                  "rejected": [{"role": "assistant", "content": "xyz"}]} for i in range(n)])
+
+
+def test_finished_pairs_run_resumed_with_a_changed_key_is_refused(model, tmp_path, files, capsys, monkeypatch):
+    # a finished --pairs run re-reports its summary on --resume; with a changed lr that summary is not the new
+    # setup's result: refused naming the key (as for an interrupted run), unless --resume-force
+    argv = train_args(model, tmp_path, "--pairs", str(_pairs(files)), "--lr", "1e-3")
+    first = train_main(argv)
+    assert train_main(argv + ["--resume"]) == first
+    code, err = cli(train_main, argv + ["--resume", "--lr", "2e-3"], capsys, monkeypatch)
+    one_line_error(code, err, "--resume: train.lr differs", "(0.001 there, 0.002 now)")
+    assert train_main(argv + ["--resume", "--lr", "2e-3", "--resume-force"]) == first
+
+
+def test_divergence_is_one_line_exit_2_and_publishes_nothing(model, tmp_path, files, capsys, monkeypatch):
+    argv = train_args(model, tmp_path, "--pairs", str(_pairs(files)), "--lr", "1e4", "--train.log_every", "1")
+    code, err = cli(train_main, argv, capsys, monkeypatch)
+    one_line_error(code, err, "training diverged at step", "train.lr")
+    assert not (tmp_path / "out").exists()

@@ -135,6 +135,10 @@ class OutputLock:
     def __init__(self, path):
         self.path = Path(path)
         self.held = False
+        # what it guards, for the messages: a folder's OUTPUT/.lock guards the folder, OUT.jsonl.lock guards OUT.jsonl
+        name = self.path.name
+        self.target = self.path.parent if name == ".lock" or not name.endswith(".lock") else \
+            self.path.with_name(name[:-len(".lock")])
 
     def __enter__(self) -> "OutputLock":
         self.acquire()
@@ -157,7 +161,7 @@ class OutputLock:
                 pid = holder.get("pid")
                 if isinstance(pid, int) and (holder.get("host") != me["host"] or _alive(pid, holder.get("start"))):
                     raise InputError(
-                        f"{self.path.parent} is in use by another run (pid {pid} on {holder.get('host')}, "
+                        f"{self.target} is in use by another run (pid {pid} on {holder.get('host')}, "
                         f"since {holder.get('since')}): wait for it to end, or delete {self.path} if it is gone")
                 stale = self.path.with_name(f"{self.path.name}.stale{os.getpid()}")
                 try:

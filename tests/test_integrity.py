@@ -4,6 +4,7 @@ die with their launcher."""
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -59,6 +60,15 @@ def _holder(tmp_path, pid, host=None):
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "since": "then"}))
     return path
+
+
+def test_lock_message_names_what_it_guards(tmp_path):
+    # OUTPUT/.lock guards the folder; generate's OUT.jsonl.lock guards OUT.jsonl (the message said "." before)
+    for lock, target in ((tmp_path / "out" / ".lock", tmp_path / "out"),
+                         (tmp_path / "gen.jsonl.lock", tmp_path / "gen.jsonl")):
+        with OutputLock(lock):
+            with pytest.raises(ValueError, match=rf"^{re.escape(str(target))} is in use by another run \(pid {os.getpid()} "):
+                OutputLock(lock).acquire()
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, caplog):

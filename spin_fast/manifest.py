@@ -86,9 +86,13 @@ def differences(old: dict, new: dict) -> list[tuple[str, object, object]]:
         if a.get(k) != b.get(k):
             diffs.append((f"inputs.{k}", a.get(k), b.get(k)))
     a, b = _flat(old.get("config", {})), _flat(new["config"])
-    for k in dict.fromkeys([*all_keys(), *b, *a]):
-        if k not in HARMLESS and a.get(k) != b.get(k):
-            diffs.append((k, a.get(k), b.get(k)))
+    keys = all_keys()
+    for k in dict.fromkeys([*keys, *b, *a]):
+        # a key the old manifest lacks (added to the config since) held its default then: the behaviour it names
+        # did not exist, the default keeps the old one
+        was = a[k] if k in a or k not in keys else json.loads(json.dumps(keys[k][1], default=str))
+        if k not in HARMLESS and was != b.get(k):
+            diffs.append((k, was, b.get(k)))
     if old.get("code_version") != new["code_version"]:
         diffs.append(("code_version", old.get("code_version"), new["code_version"]))
     return diffs

@@ -256,3 +256,16 @@ def test_divergence_is_one_line_exit_2_and_publishes_nothing(model, tmp_path, fi
     code, err = cli(train_main, argv, capsys, monkeypatch)
     one_line_error(code, err, "training diverged at step", "train.lr")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_config_key_added_since_the_run_started_compares_as_its_default():
+    # an older run's manifest lacks a key added to the config later: not a difference while the key keeps its
+    # default (the message named train.pairs_per_step "null there, 0 now" instead of what really changed)
+    from spin_fast import manifest
+    from spin_fast.config import Config, to_dict
+    new = {"inputs": {}, "config": to_dict(Config()), "code_version": "v"}
+    old = json.loads(json.dumps(new))
+    del old["config"]["train"]["max_grad_norm"], old["config"]["generate"]["top_k"]
+    assert manifest.differences(old, new) == []
+    new["config"]["train"]["max_grad_norm"] = 0.5
+    assert manifest.differences(old, new) == [("train.max_grad_norm", 1.0, 0.5)]

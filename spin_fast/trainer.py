@@ -133,11 +133,16 @@ def plan_steps(unit_tokens, *, tokens_per_step: int, micro_batch_tokens: int, wo
 # --- optimizer and schedule -----------------------------------------------------------------------------------------
 
 def build_optimizer(params, cfg) -> torch.optim.Optimizer:
-    """cfg: TrainCfg. foreach kernels (DTensor-aware under FSDP)."""
+    """cfg: TrainCfg. AdamW: the fused kernel (CPU and CUDA, DTensor-aware under FSDP2): the foreach path builds
+    params-sized temporaries each step (measured: +514 MiB peak RSS on SmolLM2-135M fp32, 2972 vs 2458 MiB for
+    weights + grads + states), the fused one updates in place. RMSprop has no fused kernel: foreach."""
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, foreach=True)
+        kw = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except RuntimeError:   # a device/dtype without the fused kernel
+            return torch.optim.AdamW(params, foreach=True, **kw)
     return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, eps=cfg.eps,
                                weight_decay=cfg.weight_decay, foreach=True)
 

@@ -74,6 +74,10 @@ def prepare_demo(cfg: Config, rt: Runtime):
     """(config pointing at the demo's model and data, evaluate(model_dir) -> dict)."""
     import torch
     cfg = _apply_defaults(cfg)
+    if not 0 <= cfg.loop.heldout <= N_TRAIN:     # beyond: make_rows searches for distinct prompts for minutes
+        from .errors import InputError
+        raise InputError(f"config loop.heldout: the demo holds out 0 .. {N_TRAIN} rows (as many as it trains on), "
+                         f"got {cfg.loop.heldout}")
     out = Path(cfg.output)
     assets = out / "demo_assets"
     if rt.is_main and not (assets / "model" / "config.json").is_file():

@@ -269,3 +269,10 @@ def test_a_config_key_added_since_the_run_started_compares_as_its_default():
     assert manifest.differences(old, new) == []
     new["config"]["train"]["max_grad_norm"] = 0.5
     assert manifest.differences(old, new) == [("train.max_grad_norm", 1.0, 0.5)]
+
+
+def test_demo_refuses_a_huge_heldout_at_once(tmp_path, capsys, monkeypatch):
+    # the demo builds N_TRAIN + loop.heldout distinct rows: 100000 made it search silently for many minutes
+    code, err = cli(train_main, ["--output", str(tmp_path / "d"), "--loop.heldout", "100000"], capsys, monkeypatch)
+    one_line_error(code, err, "config loop.heldout: the demo holds out 0 .. 3000 rows", "got 100000")
+    assert not (tmp_path / "d" / "demo_assets").exists()

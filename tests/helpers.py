@@ -1,7 +1,12 @@
-"""Shared test helpers: oracle-relative error checks and random packed SPIN batches."""
+"""Shared test helpers: oracle-relative error checks, random packed SPIN batches, and a tiny --pairs training run
+(1 process or 2 gloo ranks under torchrun) on the demo's model."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -125,3 +130,29 @@ class ByteTokenizer:
 
     def get_vocab(self):
         return {f"<{i}>": i for i in range(256)}
+
+
+def train_pairs_cli(model, pairs, out, nproc: int, args) -> None:
+    """`spin_fast.train --pairs` in a subprocess: 1 process, or `nproc` gloo ranks under torchrun."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env.pop("SPIN_FAST_FAULT", None)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1
+                else [sys.executable])
+    r = subprocess.run(launcher + ["-m", "spin_fast.train", "--model", str(model), "--pairs", str(pairs),
+                                   "--output", str(out), *args], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+def demo_model_and_pairs(root, num_rows: int):
+    """The demo's tiny model in root/model and root/pairs.jsonl: each row's right answer vs the next row's."""
+    from spin_fast import demo
+    tok = demo.build_tokenizer(root / "model")
+    demo.init_model(root / "model", tok, hidden=32, layers=2, heads=4, seed=0)
+    rows = demo.make_rows(num_rows, seed=3)
+    pairs = root / "pairs.jsonl"
+    with pairs.open("w") as f:
+        for i, r in enumerate(rows):
+            m = r["messages"]
+            f.write(json.dumps({"prompt": m[:-1], "chosen": [m[-1]],
+                                "rejected": [rows[(i + 1) % len(rows)]["messages"][-1]]}) + "\n")
+    return root / "model", pairs

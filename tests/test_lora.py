@@ -16,6 +16,7 @@ from spin_fast import demo, lora
 from spin_fast.config import LoraCfg, load_config
 from spin_fast.errors import InputError
 
+from helpers import demo_model_and_pairs, train_pairs_cli
 from test_refcache import tiny_model
 from test_trainer import build, cfg_for, naive_step_loss
 
@@ -115,30 +116,12 @@ ARGS = ["--max-length", "40", "--max-prompt-length", "24", "--tokens-per-step", 
         "--train.lora.save_peft", "true"]
 
 
-def train(model, pairs, out, nproc):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    env.pop("SPIN_FAST_FAULT", None)
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1
-                else [sys.executable])
-    r = subprocess.run(launcher + ["-m", "spin_fast.train", "--model", str(model), "--pairs", str(pairs),
-                                   "--output", str(out), *ARGS], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-4000:]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
-    tok = demo.build_tokenizer(root / "model")
-    demo.init_model(root / "model", tok, hidden=32, layers=2, heads=4, seed=0)
-    rows = demo.make_rows(24, seed=3)
-    pairs = root / "pairs.jsonl"
-    with pairs.open("w") as f:
-        for i, r in enumerate(rows):
-            m = r["messages"]
-            f.write(json.dumps({"prompt": m[:-1], "chosen": [m[-1]],
-                                "rejected": [rows[(i + 1) % len(rows)]["messages"][-1]]}) + "\n")
-    train(root / "model", pairs, root / "one", 1)
-    train(root / "model", pairs, root / "two", 2)
+    model, pairs = demo_model_and_pairs(root, 24)
+    train_pairs_cli(model, pairs, root / "one", 1, ARGS)
+    train_pairs_cli(model, pairs, root / "two", 2, ARGS)
     return root
 
 

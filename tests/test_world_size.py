@@ -5,14 +5,11 @@ fp32 summation order (measured: 0.0 max abs diff here, bit-identical; the earlie
 steps for 2 ranks: 2.5e-2).
 Uses the demo's tiny model: no ../shared needed."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
-from spin_fast import demo
+from helpers import demo_model_and_pairs, train_pairs_cli
 
 # pairs of ~50-60 tokens, micro-batches of 80: one pair each (2 x 40 at most); ~3 pairs a step
 ARGS = ["--max-length", "40", "--max-prompt-length", "24", "--tokens-per-step", "180", "--micro-batch-tokens", "80",
@@ -20,30 +17,12 @@ ARGS = ["--max-length", "40", "--max-prompt-length", "24", "--tokens-per-step", 
         "--train.log_every", "5", "--train.progress", "false"]
 
 
-def train(model, pairs, out, nproc):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    env.pop("SPIN_FAST_FAULT", None)
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1
-                else [sys.executable])
-    r = subprocess.run(launcher + ["-m", "spin_fast.train", "--model", str(model), "--pairs", str(pairs),
-                                   "--output", str(out), *ARGS], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-4000:]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    tok = demo.build_tokenizer(root / "model")
-    demo.init_model(root / "model", tok, hidden=32, layers=2, heads=4, seed=0)
-    rows = demo.make_rows(40, seed=3)
-    pairs = root / "pairs.jsonl"
-    with pairs.open("w") as f:                       # the right answer vs another row's
-        for i, r in enumerate(rows):
-            m = r["messages"]
-            f.write(json.dumps({"prompt": m[:-1], "chosen": [m[-1]],
-                                "rejected": [rows[(i + 1) % len(rows)]["messages"][-1]]}) + "\n")
-    train(root / "model", pairs, root / "one", 1)
-    train(root / "model", pairs, root / "two", 2)
+    model, pairs = demo_model_and_pairs(root, 40)
+    train_pairs_cli(model, pairs, root / "one", 1, ARGS)
+    train_pairs_cli(model, pairs, root / "two", 2, ARGS)
     return root
 
 

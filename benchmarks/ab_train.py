@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -19,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.bench_train import SHARED, TRAIN_ARGS, build_model, build_pairs, count_tokens, ours_argv
+from benchmarks.bench_train import TRAIN_ARGS, ours_argv, workload
 from benchmarks.common import markdown_table, write_results
 
 
@@ -57,12 +56,7 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        model, pairs = tmp / "model", tmp / "pairs.jsonl"
-        build_model(model, SHARED / "tokenizers" / "phi-3-mini-4k-instruct")
-        build_pairs(pairs, SHARED / "sft" / "sft_ultrachat_schema-00000.jsonl", args.pairs)
-        total, num_pairs = count_tokens(model, pairs)
-        steps = math.ceil(num_pairs / TRAIN_ARGS["batch_pairs"])
-        tokens_per_step = max(2 * TRAIN_ARGS["max_length"], math.ceil(total / steps))
+        model, pairs, total, num_pairs, steps, tokens_per_step = workload(tmp, args.pairs)
         for i in range(args.repeats):
             for name, tree in trees.items():
                 row = {"checkout": name, "commit": commit_of(tree), "repeat": i,

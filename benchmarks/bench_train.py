@@ -155,6 +155,18 @@ def trl_row(tmp: Path, model: Path, pairs: Path, threads: int, mode: str, gc: bo
             "final_loss": r.get("final_loss")}
 
 
+def workload(tmp: Path, num_rows: int):
+    """The benchmark's model and pairs in tmp, and the token budget giving TRL's step count:
+    (model, pairs, total tokens, pairs, steps, tokens_per_step)."""
+    model, pairs = tmp / "model", tmp / "pairs.jsonl"
+    build_model(model, SHARED / "tokenizers" / "phi-3-mini-4k-instruct")
+    build_pairs(pairs, SHARED / "sft" / "sft_ultrachat_schema-00000.jsonl", num_rows)
+    total, num_pairs = count_tokens(model, pairs)
+    steps = math.ceil(num_pairs / TRAIN_ARGS["batch_pairs"])
+    tokens_per_step = max(2 * TRAIN_ARGS["max_length"], math.ceil(total / steps))
+    return model, pairs, total, num_pairs, steps, tokens_per_step
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_train", description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=64)
@@ -173,12 +185,7 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        model, pairs = tmp / "model", tmp / "pairs.jsonl"
-        build_model(model, SHARED / "tokenizers" / "phi-3-mini-4k-instruct")
-        build_pairs(pairs, SHARED / "sft" / "sft_ultrachat_schema-00000.jsonl", args.pairs)
-        total, num_pairs = count_tokens(model, pairs)
-        steps = math.ceil(num_pairs / TRAIN_ARGS["batch_pairs"])
-        tokens_per_step = max(2 * TRAIN_ARGS["max_length"], math.ceil(total / steps))
+        model, pairs, total, num_pairs, steps, tokens_per_step = workload(tmp, args.pairs)
         print(f"{num_pairs} pairs, {total} tokens, {steps} steps of ~{tokens_per_step} tokens", flush=True)
         plan = [("ours", 1)] + ([("lora", 1)] if args.lora_rank else []) + ([] if args.lora_only else [("ours", 2)])
         if not (args.skip_trl or args.lora_only):

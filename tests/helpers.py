@@ -156,3 +156,12 @@ def demo_model_and_pairs(root, num_rows: int):
             f.write(json.dumps({"prompt": m[:-1], "chosen": [m[-1]],
                                 "rejected": [rows[(i + 1) % len(rows)]["messages"][-1]]}) + "\n")
     return root / "model", pairs
+
+
+def demo_model_and_rows(root, num_rows: int):
+    """The demo's tiny model in root/model and num_rows of its SFT rows in root/rows.jsonl: (root, model, rows)."""
+    from spin_fast import demo
+    tok = demo.build_tokenizer(root / "model")
+    demo.init_model(root / "model", tok, hidden=32, layers=2, heads=4, seed=0)
+    rows = demo.write_jsonl(root / "rows.jsonl", demo.make_rows(num_rows, seed=0))
+    return root, root / "model", rows

@@ -15,7 +15,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from spin_fast import demo
+from helpers import demo_model_and_rows
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +40,7 @@ def run(argv, fault=None, check=True, nproc=2):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    tok = demo.build_tokenizer(root / "model")
-    demo.init_model(root / "model", tok, hidden=32, layers=2, heads=4, seed=0)
-    rows = demo.write_jsonl(root / "rows.jsonl", demo.make_rows(64, seed=0))
-    return root, root / "model", rows
+    return demo_model_and_rows(tmp_path_factory.mktemp("faults"), 64)
 
 
 def argv_for(assets, out, *extra):

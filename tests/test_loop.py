@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import demo_model_and_rows
 from spin_fast import demo, train
 
 ARGS = ["--loop.iterations", "2", "--loop.heldout", "20", "--generate.max_new_tokens", "20", "--max-length", "48",
@@ -22,11 +23,7 @@ ARGS = ["--loop.iterations", "2", "--loop.heldout", "20", "--generate.max_new_to
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loop")
-    tok = demo.build_tokenizer(root / "model")
-    demo.init_model(root / "model", tok, hidden=32, layers=2, heads=4, seed=0)
-    rows = demo.write_jsonl(root / "rows.jsonl", demo.make_rows(220, seed=0))
-    return root, root / "model", rows
+    return demo_model_and_rows(tmp_path_factory.mktemp("loop"), 220)
 
 
 def run(argv, env_extra=None, nproc=1, check=True):

@@ -76,7 +76,8 @@ def _plan(folder: Path, model: Transformer) -> tuple[dict[str, tuple[str, int, i
     tensor each, or a row block of a fused one, Phi-3), checkpoint tensor -> its file, fused tensor -> its total
     rows; after checking that the checkpoint holds exactly what the model needs."""
     cfg = model.config
-    sources = checkpoint_sources(cfg, [n for n, _ in model.named_parameters()])
+    # LoRA adapters (lora.attach) are not in the checkpoint: lora.init_sharded_ fills them
+    sources = checkpoint_sources(cfg, [n for n, _ in model.named_parameters() if ".lora." not in n])
     expected = {ck for ck, _, _ in sources.values()}
     rows_of = {}                                                   # fused tensor -> its total rows
     for ck, _, end in sources.values():
@@ -183,7 +184,7 @@ def shard_rows(p) -> tuple[int, int] | None:
 
 
 def load_model_sharded(folder, prepare, device, dtype: torch.dtype = torch.float32,
-                       attn_backend: str = "auto") -> Transformer:
+                       attn_backend: str = "auto", lora_cfg=None, lora_seed: int = 0) -> Transformer:
     """The HF folder's model, sharded, without the whole model ever existing on any rank (torchtitan's way).
 
     Build on the meta device (no memory) in `dtype`; prepare(model): the trainer's activation checkpointing ->
@@ -192,12 +193,19 @@ def load_model_sharded(folder, prepare, device, dtype: torch.dtype = torch.float
     (slices: the other ranks' rows never leave the file) and copies them into place; derived buffers are
     recomputed. Every rank reads its own rows, rather than rank 0 reading whole tensors and scattering them
     (set_model_state_dict(broadcast_from_rank0=True)): no whole tensor anywhere, no extra traffic, the same file
-    access every rank had before. Returns the model in eval mode, like load_model."""
+    access every rank had before. Returns the model in eval mode, like load_model.
+
+    lora_cfg (train.lora, rank > 0): adapters are attached to the meta model before prepare (the base frozen, as
+    lora.attach does to a whole model) and each rank's adapter shards get exactly the values a whole-model attach
+    with lora_seed would give (lora.init_sharded_): LoRA runs never hold the whole base either."""
     folder = Path(folder)
     cfg = read_config(folder)
     with torch.device("meta"):
         model = Transformer(cfg, attn_backend).to(dtype)
     _plan(folder, model)                                     # refuse a bad folder before sharding
+    if lora_cfg is not None and lora_cfg.rank:
+        from . import lora
+        lora.attach(model, lora_cfg, seed=lora_seed)         # on meta: shapes and requires_grad only
     prepare(model)
     model.to_empty(device=device)
     params = dict(model.named_parameters())
@@ -208,6 +216,8 @@ def load_model_sharded(folder, prepare, device, dtype: torch.dtype = torch.float
         with torch.no_grad():
             local.copy_(t.to(dtype))                         # shapes: the shard's rows (shard_rows checked them)
     _read_params(folder, model, rows.get, put)
+    if lora_cfg is not None and lora_cfg.rank:
+        lora.init_sharded_(model, lora_cfg, seed=lora_seed)
     _init_buffers(model, device)
     return model.eval()
 

@@ -120,6 +120,25 @@ def attach(model, lcfg, seed: int = 0) -> list[str]:
     return done
 
 
+@torch.no_grad()
+def init_sharded_(model, lcfg, seed: int = 0) -> None:
+    """The adapters of a model attached on meta and sharded (hf_io.load_model_sharded, after to_empty: their
+    storage is uninitialised): each rank's shard of A and B gets the rows of the values attach(whole model, seed)
+    gives, by redrawing them in the same module order from the same seeded CPU generator. Adapters are tiny
+    (r x (in + out) per layer), so one whole adapter at a time on the CPU is no whole model."""
+    from .hf_io import shard_rows
+    gen = torch.Generator().manual_seed(int(seed))
+    for mod in model.modules():
+        ad = getattr(mod, "lora", None)
+        if ad is None:
+            continue
+        whole = LoraAdapter(ad.A.shape[1], ad.B.shape[0], lcfg.rank, lcfg.alpha, lcfg.dropout, gen)  # as attach
+        for p, src in ((ad.A, whole.A), (ad.B, whole.B)):
+            rows = shard_rows(p)
+            local = p.to_local() if rows is not None else p
+            local.copy_(src if rows is None else src[rows[0]:rows[1]])
+
+
 def has_adapters(model) -> bool:
     return any(ADAPTER_MARK in n for n, _ in model.named_parameters())
 

@@ -40,12 +40,15 @@ def _load_prepared(cfg: Config, rt: Runtime, model_dir: Path, train_cfg, lora_cf
     master = DTYPES[cfg.model.dtype]
     compute_dtype = compute_dtype_for(cfg.model.mixed_precision, rt.device, master)
     prepare = lambda m: prepare_model(m, train_cfg, distributed=rt.distributed, compute_dtype=compute_dtype)
-    if rt.distributed and not lora.enabled(lora_cfg):
-        # shard on meta, then each rank reads only its rows: no rank holds the whole model
-        model = load_model_sharded(model_dir, prepare, rt.device, dtype=master, attn_backend=cfg.model.attn_backend)
-    else:   # one process, or LoRA (its adapters are initialised on the loaded weights: whole model, then shard)
+    lora_cfg = lora_cfg if lora.enabled(lora_cfg) else None
+    if rt.distributed:
+        # shard on meta, then each rank reads only its rows: no rank holds the whole model (LoRA: its adapters are
+        # attached on meta and each rank's shards filled as a whole-model attach would fill them)
+        model = load_model_sharded(model_dir, prepare, rt.device, dtype=master, attn_backend=cfg.model.attn_backend,
+                                   lora_cfg=lora_cfg, lora_seed=cfg.seed)
+    else:
         model = load_model(model_dir, device=rt.device, dtype=master, attn_backend=cfg.model.attn_backend)
-        if lora.enabled(lora_cfg):
+        if lora_cfg is not None:
             lora.attach(model, lora_cfg, seed=cfg.seed)
         prepare(model)
     return model, master, compute_dtype

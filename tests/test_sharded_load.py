@@ -1,5 +1,6 @@
 """hf_io.load_model_sharded under torchrun (2 CPU ranks, gloo): no rank ever holds the whole model, and the
-sharded model's hidden states and logits equal the single-process model's (fp32).
+sharded model's hidden states and logits equal the single-process model's (fp32). With train.lora the same holds
+for the base, and the adapters' shards make up exactly what a whole-model lora.attach with the same seed gives.
 
 "Never holds the whole model" is checked two independent ways on each rank, around the loader alone:
   * every byte that leaves a safetensors file goes through a counting proxy of `safe_open`: per parameter the
@@ -14,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -95,17 +97,22 @@ class Allocations(TorchDispatchMode):
 
 
 results = {{}}
-for folder in {folders!r}:
+LORA = SimpleNamespace(rank=3, alpha=6.0, dropout=0.0, targets=["q_proj,v_proj,down_proj"])
+for folder, key, lora_cfg in [(f, f, None) for f in {folders!r}] + [({folders!r}[0], "lora", LORA)]:
     cfg = SimpleNamespace(activation_checkpointing=True, compile=False)
     prepare = lambda m: prepare_model(m, cfg, distributed=True, compute_dtype=torch.float32)
     reads.clear()
     hf_io.safe_open = CountingOpen
     mode = Allocations()
     with mode:
-        model = hf_io.load_model_sharded(folder, prepare, torch.device("cpu"), attn_backend="sdpa")
+        model = hf_io.load_model_sharded(folder, prepare, torch.device("cpu"), attn_backend="sdpa",
+                                         lora_cfg=lora_cfg, lora_seed=5)
     hf_io.safe_open = real_open
-    params = dict(model.named_parameters())
+    adapters = {{n: p.full_tensor().tolist() for n, p in model.named_parameters() if ".lora." in n}}
+    # the base's parameters (LoRA adapters are tiny and filled whole, one at a time: lora.init_sharded_)
+    params = {{n: p for n, p in model.named_parameters() if ".lora." not in n}}
     info = {{n: [list(p.shape), list(p.to_local().shape), isinstance(p, DTensor)] for n, p in params.items()}}
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     # a whole parameter's shape (one whose shard is smaller), unless it is also some shard's shape on this rank
     locals_ = {{tuple(v[1]) for v in info.values()}}
     whole_shapes = [[list(s), mode.ops[s]] for s in mode.shapes if s not in locals_
@@ -125,8 +132,9 @@ for folder in {folders!r}:
     sizes = {{}}
     for name, n in reads:
         sizes[name] = sizes.get(name, 0) + n
-    results[folder] = dict(params=info, reads=sizes, whole_shapes=whole_shapes, hidden=hidden.tolist(),
-                           logits=logits.tolist(), buffers_finite=bool(torch.isfinite(model.inv_freq).all()))
+    results[key] = dict(params=info, reads=sizes, whole_shapes=whole_shapes, hidden=hidden.tolist(),
+                        logits=logits.tolist(), buffers_finite=bool(torch.isfinite(model.inv_freq).all()),
+                        adapters=adapters, trainable=trainable)
     del model
 open({out!r} + f".rank{{rank}}.json", "w").write(json.dumps(results))
 dist.destroy_process_group()
@@ -165,9 +173,21 @@ def test_two_ranks_never_hold_the_whole_model_and_match_one_process(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-4000:]
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in (0, 1)]
-    for folder in folders:
+    for folder, key in [(f, f) for f in folders] + [(folders[0], "lora")]:
         one = load_model(folder, attn_backend="sdpa")
-        full = {n: p.numel() for n, p in one.named_parameters()}
+        if key == "lora":     # a whole-model attach with the same seed: what every rank's shards must make up
+            from spin_fast import lora
+            lcfg = SimpleNamespace(rank=3, alpha=6.0, dropout=0.0, targets=["q_proj,v_proj,down_proj"])
+            lora.attach(one, lcfg, seed=5)
+            want = {n: p.detach() for n, p in one.named_parameters() if lora.is_adapter_name(n)}
+            for res_r in ranks:
+                got_ad = res_r[key]["adapters"]
+                assert set(got_ad) == set(want) and len(want) == 3 * len(one.layers) * 2
+                for n, t in want.items():
+                    torch.testing.assert_close(torch.tensor(got_ad[n]), t, atol=0, rtol=0)
+                assert res_r[key]["trainable"] == sorted(want)                 # the base is frozen
+            assert any(t.abs().sum() > 0 for n, t in want.items() if n.endswith(".A"))
+        full = {n: p.numel() for n, p in one.named_parameters() if ".lora." not in n}   # the base
         g = torch.Generator().manual_seed(0)
         lens = [9, 1, 14]
         ids = torch.randint(0, one.config.vocab_size, (sum(lens),), generator=g)
@@ -178,7 +198,7 @@ def test_two_ranks_never_hold_the_whole_model_and_match_one_process(tmp_path):
             logits = one.logits(hidden)
         total_local = 0
         for r, res_r in enumerate(ranks):
-            got = res_r[folder]
+            got = res_r[key]
             assert got["buffers_finite"]
             assert not got["whole_shapes"], f"rank {r} allocated whole-parameter tensors {got['whole_shapes']}"
             for name, (shape, local, is_dt) in got["params"].items():

@@ -118,13 +118,22 @@ class GenerateCfg:
 
 @dataclass
 class SftCfg:
-    epochs: int = _f(0, "epochs of supervised fine-tuning before iteration 0 (0: none; the demo trains from scratch)")
+    epochs: int = _f(0, "epochs of supervised fine-tuning before iteration 0 (0: none; the demo trains from scratch); "
+                        "with sft.early_stopping_patience, the most epochs")
     lr: float = _f(1e-3, "SFT peak learning rate")
     optimizer: str = _f("adamw", "adamw | rmsprop")
     lr_schedule: str = _f("cosine", "linear | cosine | constant")
     warmup_ratio: float = _f(0.05, "fraction of SFT steps with warmup")
     tokens_per_step: int = _f(65536, "global tokens per SFT optimizer step; set this or sft.examples_per_step")
     examples_per_step: int = _f(0, "global SFT examples per optimizer step, instead of sft.tokens_per_step (0: off)")
+    heldout: int = _f(0, "rows of data.sft held out of all training (OUTPUT/data/sft_heldout.jsonl, drawn with the "
+                         "seed, disjoint from loop.heldout): the SFT phase's held-out loss after every epoch (0: none)")
+    early_stopping_patience: int = _f(0, "stop SFT once the held-out loss has not improved by more than "
+                                         "sft.early_stopping_min_delta for this many epochs in a row, and keep the "
+                                         "weights of the epoch with the lowest held-out loss; needs sft.heldout "
+                                         "(0: off, all sft.epochs run)")
+    early_stopping_min_delta: float = _f(0.0, "the smallest fall of the held-out loss (nats per response token) that "
+                                              "counts as an improvement for sft.early_stopping_patience")
 
 
 @dataclass
@@ -136,6 +145,8 @@ class LoopCfg:
     convergence_threshold: float = _f(0.0, "stop when the held-out mean margin falls below this (the opponent "
                                            "can no longer be told from the data; 0: never stop early)")
     continued_sft_baseline: bool = _f(False, "also train continued SFT for the same tokens per iteration (ablation)")
+    continued_sft_lr: float = _f(0.0, "peak lr of the continued-SFT baseline (0: sft.lr, the SFT phase's own; "
+                                      "train.lr's value gives the equal-lr comparison with SPIN)")
 
 @dataclass
 class DemoCfg:
@@ -195,10 +206,17 @@ class Config:
         need(sft.epochs >= 0, "sft.epochs", "must be >= 0", sft.epochs)
         need(sft.lr > 0, "sft.lr", "must be > 0", sft.lr)
         need(0 <= sft.warmup_ratio < 1, "sft.warmup_ratio", "must be in [0, 1)", sft.warmup_ratio)
+        need(sft.heldout >= 0, "sft.heldout", "must be >= 0", sft.heldout)
+        need(sft.early_stopping_patience >= 0, "sft.early_stopping_patience", "must be >= 0 (0: off)",
+             sft.early_stopping_patience)
+        need(math.isfinite(sft.early_stopping_min_delta) and sft.early_stopping_min_delta >= 0,
+             "sft.early_stopping_min_delta", "must be finite and >= 0", sft.early_stopping_min_delta)
         need(lp.iterations >= 1, "loop.iterations", "must be >= 1", lp.iterations)
         need(0 <= lp.start_iteration < lp.iterations, "loop.start_iteration",
              f"must be in [0, loop.iterations={lp.iterations})", lp.start_iteration)
         need(lp.heldout >= 0, "loop.heldout", "must be >= 0", lp.heldout)
+        need(math.isfinite(lp.continued_sft_lr) and lp.continued_sft_lr >= 0, "loop.continued_sft_lr",
+             "must be finite and >= 0 (0: sft.lr)", lp.continued_sft_lr)
         need(lp.convergence_threshold >= 0, "loop.convergence_threshold", "must be >= 0", lp.convergence_threshold)
         need(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0", t.checkpoint_every)
         need(t.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0", t.max_bad_steps)

@@ -4,7 +4,8 @@
    n_train + n_heldout rows of the demo.task: the exact-p_data HMM of hmm_task.py, the default, or the
    string-transformation task of demo.py, `exact_match`) and points the config at them:
    an SFT phase from scratch (sft.epochs), then loop.iterations SPIN iterations; the loop holds out
-   loop.heldout rows (its discriminator check and the exact-match accuracy here).
+   loop.heldout rows (its discriminator check and the exact-match accuracy here); hmm: SFT is early-stopped on
+   sft.heldout further rows (a held-out plateau, the best epoch's weights kept), none of them trained on.
 2. The loop runs as for any model (generation, cache, training), calling `evaluate` on every finished model:
    hmm: the distances to p_data on the held-out prompts (evaluate_hmm); exact_match: greedy exact match.
 3. finish_demo: the paper's ablation, continued SFT for the same compute: from the SFT model, one more SFT round
@@ -26,6 +27,7 @@ from pathlib import Path
 from . import demo
 from .config import Config, TrainCfg, explicit_keys
 from .integrity import write_json
+from .loop import sft_heldout_rows
 from .runtime import Runtime
 
 log = logging.getLogger("spin_fast.demo")
@@ -36,7 +38,11 @@ TASKS = ("hmm", "exact_match")
 # SPIN pushes away from (its opponent samples p_theta itself, as in the paper) and what quality is measured on
 HMM_DEFAULTS = {
     ("data", "max_length"): 32, ("data", "max_prompt_length"): 16, ("generate", "max_new_tokens"): 10,
-    ("generate", "temperature"): 1.0, ("sft", "epochs"): 6,
+    ("generate", "temperature"): 1.0,
+    # SFT to a held-out plateau (the paper's regime: SPIN starts where more SFT no longer helps): at most 30 epochs,
+    # stopped once 3 epochs in a row did not lower the loss on 300 held-out training rows, best epoch kept (seed 0:
+    # the held-out loss flattens from ~epoch 11 and rises after ~epoch 20 of a 40-epoch cosine run, 2026-12-04)
+    ("sft", "epochs"): 30, ("sft", "heldout"): 300, ("sft", "early_stopping_patience"): 3,
     ("train", "loss_type"): "sigmoid", ("train", "beta"): 0.1, ("train", "lr"): 1e-4,
     # 2 iterations: ~115 s per 1-iteration run + ~60 s per further iteration (2 loaded CPU cores, 2026-12-04)
     ("loop", "iterations"): 2,
@@ -80,14 +86,16 @@ def prepare_demo(cfg: Config, rt: Runtime):
                          f"got {cfg.loop.heldout}")
     out = Path(cfg.output)
     assets = out / "demo_assets"
+    # N_TRAIN rows to train on, whatever is held out for the loop's checks and for SFT's early stopping
+    n_rows = N_TRAIN + cfg.loop.heldout + sft_heldout_rows(cfg)
     if rt.is_main and not (assets / "model" / "config.json").is_file():
         tmp = out / "demo_assets.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if cfg.demo.task == "hmm":
             from . import hmm_task
-            rows = hmm_task.make_rows(hmm_task.make_hmm(cfg.seed), N_TRAIN + cfg.loop.heldout, seed=cfg.seed)
+            rows = hmm_task.make_rows(hmm_task.make_hmm(cfg.seed), n_rows, seed=cfg.seed)
         else:
-            rows = demo.make_rows(N_TRAIN + cfg.loop.heldout, seed=cfg.seed)
+            rows = demo.make_rows(n_rows, seed=cfg.seed)
         demo.write_jsonl(tmp / "rows.jsonl", rows)
         tok = demo.build_tokenizer(tmp / "model")
         demo.init_model(tmp / "model", tok, hidden=64, layers=2, heads=4, seed=cfg.seed)
@@ -98,8 +106,11 @@ def prepare_demo(cfg: Config, rt: Runtime):
     cfg.model.path = str(assets / "model")
     cfg.data.sft = [str(assets / "rows.jsonl")]
     if rt.is_main:
-        log.info("demo (%s): %d task rows (%d held out), tiny Llama in %s; SFT %d epochs, then %d SPIN iterations",
-                 cfg.demo.task, N_TRAIN + cfg.loop.heldout, cfg.loop.heldout, assets, cfg.sft.epochs, cfg.loop.iterations)
+        stop = (f"early-stopped on {cfg.sft.heldout} held-out rows (patience {cfg.sft.early_stopping_patience})"
+                if cfg.sft.early_stopping_patience else "")
+        log.info("demo (%s): %d task rows (%d held out), tiny Llama in %s; SFT at most %d epochs %s, then %d SPIN "
+                 "iterations", cfg.demo.task, n_rows, cfg.loop.heldout, assets, cfg.sft.epochs, stop,
+                 cfg.loop.iterations)
     return cfg, lambda model_dir: evaluate(cfg, rt, Path(model_dir))
 
 
@@ -162,9 +173,10 @@ def finish_demo(cfg: Config, rt: Runtime, tokenizer, summaries: list[dict], eval
                 base: TrainCfg = sft_train_cfg(cfg)
                 steps = max(1, round(s["train"]["tokens"] / cfg.sft.tokens_per_step))
                 # the SFT phase's own optimizer and lr (its best known settings: the baseline is not weakened by
-                # SPIN's lr), a fresh warmup + decay per round, as SPIN's iterations have
+                # SPIN's lr) unless loop.continued_sft_lr says otherwise, a fresh warmup + decay per round, as
+                # SPIN's iterations have
                 tcfg = dataclasses.replace(base, epochs=max(1, math.ceil(s["train"]["tokens"] / tokens_per_epoch)),
-                                           max_steps=steps)
+                                           max_steps=steps, lr=cfg.loop.continued_sft_lr or base.lr)
                 res = sft_phase(cfg, rt, model_dir=prev, out_dir=tmp, seqs=seqs, train_cfg=tcfg)
                 res["eval"] = evaluate(tmp)
                 publish(rt, tmp, final, {"phase": "continued_sft", "iteration": t, **res})
@@ -185,7 +197,9 @@ def finish_demo(cfg: Config, rt: Runtime, tokenizer, summaries: list[dict], eval
                      "train_tokens": s["train"]["tokens"]})
     for r in rows:                              # the old flat keys, kept for the exact-match task's readers
         r["spin_em"], r["continued_sft_em"] = r["spin"].get("accuracy"), r["continued_sft"].get("accuracy")
-    report = {"task": cfg.demo.task, "rows": rows, "n_heldout": cfg.loop.heldout}
+    report = {"task": cfg.demo.task, "rows": rows, "n_heldout": cfg.loop.heldout,
+              "continued_sft_lr": cfg.loop.continued_sft_lr or cfg.sft.lr,
+              "sft_early_stopping": (sft or {}).get("early_stopping")}
     if rt.is_main:
         write_json(out / "demo.json", report)
         fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731

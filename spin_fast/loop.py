@@ -1,6 +1,7 @@
 """The SPIN loop: per iteration t, generate (opponent π_t) -> reference cache -> train -> OUTPUT/iter{t}/ = π_{t+1}.
 
     OUTPUT/data/train.jsonl, heldout.jsonl   the SFT rows, split once (seeded) and reused on resume
+    OUTPUT/data/sft_heldout.jsonl            with sft.heldout: the SFT phase's early-stopping rows (trained on by none)
     OUTPUT/sft/                              optional SFT phase before iteration 0 (sft.epochs > 0)
     OUTPUT/iter{t}.work/                     generated.jsonl (+ _heldout), ref caches, checkpoints: resumable state
     OUTPUT/iter{t}/                          the trained model (HF folder), metrics.jsonl, summary.json, checksums.json
@@ -47,6 +48,10 @@ def split_sft(cfg: Config, out: Path, rt: Runtime, tokenizer=None) -> tuple[Path
     bad row stops the run naming the user's file:row, or with data.skip_bad_rows is skipped and counted
     (OUTPUT/data/split.json). Each kept row carries its origin (rows.ORIGIN_KEY), so errors of the later phases
     still name the user's file and row."""
+    if cfg.sft.epochs > 0 and cfg.sft.early_stopping_patience > 0 and cfg.sft.heldout == 0:
+        # here, not in Config.validate: the demo fills sft.heldout in after the command line is validated
+        raise InputError(f"config sft.early_stopping_patience: needs held-out rows to stop on: set sft.heldout > 0, "
+                         f"got {cfg.sft.early_stopping_patience}")
     folder = out / "data"
     train, held, info = folder / "train.jsonl", folder / "heldout.jsonl", folder / "split.json"
     bad = SkippedRows()
@@ -73,16 +78,25 @@ def split_sft(cfg: Config, out: Path, rt: Runtime, tokenizer=None) -> tuple[Path
         if not rows:
             raise InputError(f"no usable rows in data.sft {cfg.data.sft} ({bad.count} bad rows skipped; first: "
                              f"{bad[0]})")
-        if cfg.loop.heldout >= len(rows):
-            raise InputError(f"config loop.heldout: {cfg.loop.heldout} held-out rows leave none of the {len(rows)} "
-                             f"usable rows of data.sft {cfg.data.sft} to train on; lower it (0: no held-out check)")
+        n_sft_held = sft_heldout_rows(cfg)
+        if cfg.loop.heldout + n_sft_held >= len(rows):
+            key = "loop.heldout" + (" + sft.heldout" if n_sft_held else "")
+            raise InputError(f"config {key}: {cfg.loop.heldout + n_sft_held} held-out rows leave none of the "
+                             f"{len(rows)} usable rows of data.sft {cfg.data.sft} to train on; lower it (0: no "
+                             f"held-out check)")
     if rt.is_main and not train.is_file():
         order = np.random.default_rng([cfg.seed, 7]).permutation(len(rows))
         held_ids = set(order[:cfg.loop.heldout].tolist())
+        # the SFT phase's early-stopping rows: the next ones of the same permutation (loop.heldout's are unchanged)
+        sft_ids = set(order[cfg.loop.heldout:cfg.loop.heldout + n_sft_held].tolist())
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(info, {"rows": len(rows) + bad.count, "train": len(rows) - len(held_ids),
-                          "heldout": len(held_ids), **bad.summary(), "first_bad_rows": bad[:10]})
-        for path, keep in ((held, lambda i: i in held_ids), (train, lambda i: i not in held_ids)):
+        write_json(info, {"rows": len(rows) + bad.count, "train": len(rows) - len(held_ids) - len(sft_ids),
+                          "heldout": len(held_ids), "sft_heldout": len(sft_ids), **bad.summary(),
+                          "first_bad_rows": bad[:10]})
+        files = [(held, lambda i: i in held_ids), (train, lambda i: i not in held_ids and i not in sft_ids)]
+        if n_sft_held:
+            files.append((folder / SFT_HELDOUT, lambda i: i in sft_ids))
+        for path, keep in files:
             tmp = path.with_suffix(".tmp")
             with tmp.open("w", encoding="utf-8") as f:
                 for i, row in enumerate(rows):
@@ -93,6 +107,14 @@ def split_sft(cfg: Config, out: Path, rt: Runtime, tokenizer=None) -> tuple[Path
             log.warning("skipped: %s", msg)
     _barrier(rt)
     return train, (held if held.is_file() and held.stat().st_size > 0 else None), bad
+
+
+SFT_HELDOUT = "sft_heldout.jsonl"
+
+
+def sft_heldout_rows(cfg: Config) -> int:
+    """Rows split_sft holds out for the SFT phase's held-out loss: sft.heldout when there is an SFT phase."""
+    return cfg.sft.heldout if cfg.sft.epochs > 0 else 0
 
 
 def is_finished(folder: Path) -> bool:
@@ -126,8 +148,12 @@ def run_loop(cfg: Config, rt: Runtime, tokenizer, evaluate=None) -> list[dict]:
         if not is_finished(sft_dir):
             from .sft import load_sft_sequences
             seqs, _ = load_sft_sequences(train_file, tokenizer, **data_opts)
+            sft_held = None
+            if sft_heldout_rows(cfg):
+                sft_held, _ = load_sft_sequences(out / "data" / SFT_HELDOUT, tokenizer, **data_opts)
             tmp = out / "sft.tmp"
-            s = sft_phase(cfg, rt, model_dir=opponent, out_dir=tmp, seqs=seqs, train_cfg=sft_train_cfg(cfg))
+            s = sft_phase(cfg, rt, model_dir=opponent, out_dir=tmp, seqs=seqs, train_cfg=sft_train_cfg(cfg),
+                          heldout=sft_held)
             release()
             if evaluate is not None:
                 s["eval"] = evaluate(tmp)

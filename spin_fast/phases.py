@@ -187,21 +187,40 @@ def generate_phase(cfg: Config, rt: Runtime, *, model_dir: Path, data: Path, out
     return summary
 
 
-def sft_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, seqs, train_cfg=None) -> dict:
+def sft_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, seqs, train_cfg=None,
+              heldout=None) -> dict:
     """Supervised fine-tuning (cross-entropy on response tokens) with the same packed path; writes an HF folder
-    and metrics.jsonl into out_dir. train_cfg: the TrainCfg to use (default cfg.train)."""
-    from .sft import SftTask
+    and metrics.jsonl into out_dir. train_cfg: the TrainCfg to use (default cfg.train). heldout: a SequenceSet
+    scored after every epoch (sft.early_stopping_patience > 0: early stopping on it, the best epoch's weights
+    are the ones saved; see sft.EarlyStopping)."""
+    from .sft import EarlyStopping, SftTask, heldout_loss
     tcfg = train_cfg or cfg.train
     model, master, _ = _load_prepared(cfg, rt, model_dir, tcfg)
     metrics = _open_metrics(rt, out_dir, keep=False, tensorboard=False)
     trainer = Trainer(model, SftTask(seqs, tcfg, rt.device), tcfg, seed=cfg.seed, device=rt.device,
                       distributed=rt.distributed, metrics=metrics)
-    result = trainer.train()
+    stopper = None
+    if heldout is not None:
+        held = SftTask(heldout, tcfg, rt.device)
+        stopper = EarlyStopping(model, lambda: heldout_loss(model, held, tcfg.micro_batch_tokens, rank=rt.rank,
+                                                            world=rt.world, distributed=rt.distributed),
+                                patience=cfg.sft.early_stopping_patience, min_delta=cfg.sft.early_stopping_min_delta)
+    result = trainer.train(on_epoch_end=stopper)
     if metrics is not None:
         metrics.close()
+    if stopper is not None:
+        stopper.restore()
     _save_trained(cfg, rt, model, model_dir, out_dir, master)
-    return {"sequences": seqs.num_sequences, "steps": result["steps"], "tokens": result["tokens"],
-            "wall_s": result["wall_s"], "tokens_per_s": result["tokens_per_s"], "final": result["final"],
-            "loss_impl": loss_impl_report(tcfg.impl, rt.device)}
+    out = {"sequences": seqs.num_sequences, "steps": result["steps"], "tokens": result["tokens"],
+           "wall_s": result["wall_s"], "tokens_per_s": result["tokens_per_s"], "final": result["final"],
+           "loss_impl": loss_impl_report(tcfg.impl, rt.device)}
+    if stopper is not None:
+        out["early_stopping"] = {**stopper.summary(), "heldout_sequences": heldout.num_sequences}
+        if rt.is_main:
+            e = out["early_stopping"]
+            log.info("SFT: held-out loss per epoch %s; kept epoch %d (%.4f)%s",
+                     " ".join(f"{v:.4f}" for v in e["heldout_loss"]), e["best_epoch"], e["best_heldout_loss"],
+                     f"; stopped after {e['epochs_run']} of {tcfg.epochs} epochs" if e["stopped_early"] else "")
+    return out
 
 

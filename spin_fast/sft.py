@@ -10,6 +10,7 @@ add up to one mean, as in trainer.py. log π comes from kernels.linear_logprobs 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,8 +101,8 @@ class SftTask:
     def normalizer(self, unit_ids: np.ndarray) -> float:
         return float(self.response_tokens[unit_ids].sum())
 
-    def micro_batch(self, model, seq_ids: list[int], normalizer: float, weight: float = 1.0) -> torch.Tensor:
-        """weight 0: a zero-weight padding replica (trainer._deal): forward/backward for the ranks' lockstep only."""
+    def response_logps(self, model, seq_ids) -> torch.Tensor:
+        """(R,) log π_θ of every response token of sequences seq_ids, packed."""
         s = self.seqs
         host = collate_sequences(seq_ids, s.tokens, s.seq_offsets, s.prompt_lens)
         max_seqlen = int(np.diff(host["cu_seqlens"]).max())
@@ -112,9 +113,101 @@ class SftTask:
                                 impl=self.cfg.impl,
                                 memory_budget_bytes=self.cfg.logits_budget_mib << 20, check_values=False,
                                 softcap=model.logit_softcap)                                   # (R,)
+        return logps
+
+    def micro_batch(self, model, seq_ids: list[int], normalizer: float, weight: float = 1.0) -> torch.Tensor:
+        """weight 0: a zero-weight padding replica (trainer._deal): forward/backward for the ranks' lockstep only."""
+        logps = self.response_logps(model, seq_ids)                                       # (R,)
         loss = -logps.sum() / normalizer
         if weight != 1.0:
             loss = loss * weight
         loss.backward()
-        share = torch.tensor(float(len(host["scored"])) * weight, device=self.device)
+        share = torch.tensor(float(logps.numel()) * weight, device=self.device)
         return torch.stack([loss.detach().float(), share])                                # (2,)
+
+
+# ---- held-out loss and early stopping ---------------------------------------------------------------------------
+
+def heldout_batches(seqs: SequenceSet, micro_batch_tokens: int, rank: int, world: int) -> list[tuple[list[int], bool]]:
+    """This rank's share of the held-out sequences: consecutive sequences packed into chunks of <= micro_batch_tokens
+    (a longer one alone), chunk c to rank c % world. Every rank gets the same number of chunks (FSDP2 all-gathers
+    per forward, so the ranks must run the same number): missing ones are (chunk 0, True) = a padding replica whose
+    result is discarded. Returns [(sequence ids, is_padding)]."""
+    lens = np.diff(seqs.seq_offsets)
+    chunks, cur, used = [], [], 0
+    for s, n in enumerate(lens.tolist()):
+        if cur and used + n > micro_batch_tokens:
+            chunks.append(cur)
+            cur, used = [], 0
+        cur.append(s)
+        used += n
+    chunks.append(cur)
+    per_rank = -(-len(chunks) // world)                                                  # ceil
+    mine = [(chunks[c], False) for c in range(rank, len(chunks), world)]
+    return mine + [(chunks[0], True)] * (per_rank - len(mine))
+
+
+def heldout_loss(model, task: SftTask, micro_batch_tokens: int, *, rank: int = 0, world: int = 1,
+                 distributed: bool = False) -> float:
+    """Mean cross-entropy per response token over all held-out sequences (every rank gets the same value):
+
+        L_held = -(Σ_{held-out response tokens t} log π_θ(y_t | y_<t, x)) / (number of those tokens)
+
+    The sums stay on the device; one all_reduce and one host read per call (once per epoch)."""
+    acc = torch.zeros(2, dtype=torch.float64, device=task.device)                          # (Σ -log π, tokens)
+    with torch.no_grad():
+        for ids, pad in heldout_batches(task.seqs, micro_batch_tokens, rank, world):
+            logps = task.response_logps(model, ids)                                        # (R,)
+            if not pad:
+                acc += torch.stack([-logps.double().sum(), torch.tensor(float(logps.numel()), dtype=torch.float64,
+                                                                         device=task.device)])
+    if distributed:
+        torch.distributed.all_reduce(acc)
+    total, count = acc.tolist()
+    return total / max(count, 1.0)
+
+
+class EarlyStopping:
+    """Trainer.train's on_epoch_end for the SFT phase. evaluate() -> the held-out loss L_e after epoch e (the same
+    on every rank: heldout_loss); then
+
+        improved  <=>  L_e < L_ref - min_delta    (L_ref: the loss at the last improvement; +inf at first)
+        stop      <=>  patience > 0 and the last `patience` epochs in a row did not improve
+
+    and the weights of the epoch with the lowest L_e are kept (a copy of this rank's shards: one more copy of the
+    parameters; restore() copies them back). patience 0: the loss is only recorded, every epoch runs, the last
+    weights are kept."""
+
+    def __init__(self, model, evaluate, *, patience: int, min_delta: float):
+        self.model, self.evaluate, self.patience, self.min_delta = model, evaluate, patience, min_delta
+        self.losses: list[float] = []
+        self.ref, self.best, self.best_epoch, self.wait, self.stopped = math.inf, math.inf, -1, 0, False
+        self._best_params: list[torch.Tensor] | None = None
+
+    def __call__(self, epoch: int) -> bool:
+        loss = float(self.evaluate())
+        self.losses.append(loss)
+        if loss < self.best:                                     # the weights to keep
+            self.best, self.best_epoch = loss, epoch
+            if self.patience > 0:
+                with torch.no_grad():
+                    self._best_params = [p.detach().clone() for p in self.model.parameters()]
+        if loss < self.ref - self.min_delta:
+            self.ref, self.wait = loss, 0
+        else:
+            self.wait += 1
+        self.stopped = self.patience > 0 and self.wait >= self.patience
+        return self.stopped
+
+    def restore(self) -> None:
+        """Copy the best epoch's weights back (no-op when they are the current ones)."""
+        if self._best_params is not None and self.best_epoch != len(self.losses) - 1:
+            with torch.no_grad():
+                for p, b in zip(self.model.parameters(), self._best_params):
+                    p.copy_(b)
+        self._best_params = None
+
+    def summary(self) -> dict:
+        return {"heldout_loss": self.losses, "epochs_run": len(self.losses), "best_epoch": self.best_epoch,
+                "best_heldout_loss": self.best, "stopped_early": self.stopped, "patience": self.patience,
+                "min_delta": self.min_delta}

@@ -393,9 +393,10 @@ class Trainer:
                 f"step(s) > train.max_bad_steps={self.cfg.max_bad_steps}); nothing of this phase is published; lower "
                 f"train.lr (now {self.cfg.lr:g}) or allow skipping with train.max_bad_steps")
 
-    def train(self, checkpoint_dir: Path | None = None, checkpoint_every: int = 0) -> dict:
+    def train(self, checkpoint_dir: Path | None = None, checkpoint_every: int = 0, on_epoch_end=None) -> dict:
         """Run every step of the plan. checkpoint_dir: resume from its latest checkpoint if there is one, and
-        (checkpoint_every > 0) save one every that many steps."""
+        (checkpoint_every > 0) save one every that many steps. on_epoch_end(epoch) -> bool, called on every rank
+        after each epoch's last step (metrics flushed first): True stops the phase there (SFT early stopping)."""
         from tqdm import tqdm
 
         from . import checkpoint
@@ -413,6 +414,7 @@ class Trainer:
         window, t_window = [], t0
         tokens_done = 0
         self.last_row, self.bad_steps = {}, []
+        done = len(self.steps)
         for i, step in enumerate(self.steps):
             if i < start:
                 continue
@@ -445,13 +447,20 @@ class Trainer:
             if save_now:
                 checkpoint.save(checkpoint_dir, i + 1, self.model, self.optimizer, self.scheduler, plan)
             fault_point(getattr(self.task, "fault_phase", "train"), i + 1)     # "train" | "sft"
+            if on_epoch_end is not None and (i + 1 == len(self.steps) or self.steps[i + 1].epoch != step.epoch):
+                if window:                               # one host sync per epoch
+                    self._flush(window, t_window, bar)
+                    window, t_window = [], time.perf_counter()
+                if on_epoch_end(step.epoch):
+                    done = i + 1
+                    break
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - t0
         if not _weights_finite(self.model.parameters(), self.distributed):
-            raise TrainingDiverged(f"training diverged: weights are not finite after step {len(self.steps)}; "
+            raise TrainingDiverged(f"training diverged: weights are not finite after step {done}; "
                                    f"nothing of this phase is published; lower train.lr (now {cfg.lr:g})")
-        return {"steps": len(self.steps), "resumed_at": start, "tokens": tokens_done, "wall_s": wall,
+        return {"steps": done, "planned_steps": len(self.steps), "resumed_at": start, "tokens": tokens_done, "wall_s": wall,
                 "dropped_pairs": self.dropped_pairs, "tokens_per_s": tokens_done / max(wall, 1e-9),
                 "final": self.last_row, "bad_steps": [s for s, _, _ in self.bad_steps]}

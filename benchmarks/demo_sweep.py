@@ -55,7 +55,7 @@ def mean_se(xs):
 
 
 def run_one(out: Path, arm: str, seed: int, args, base: Path | None) -> dict:
-    cmd = ["torchrun", f"--nproc_per_node={args.nproc}", "--master_port", str(29600 + seed), "-m", "spin_fast.train",
+    cmd = ["torchrun", f"--nproc_per_node={args.nproc}", "--master_port", str(args.port + seed), "-m", "spin_fast.train",
            "--output", str(out), "--demo.task", "hmm", "--seed", str(seed), "--loop.iterations", str(args.iterations),
            "--train.progress", "false", *ARMS[arm], *args.extra]
     if (out / "demo.json").is_file():                            # finished earlier: reuse
@@ -132,7 +132,9 @@ def main(argv=None):
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--no-share-sft", action="store_true", help="every run trains its own SFT (same result, slower)")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--port", type=int, default=29600, help="torchrun --master_port of seed 0 (seed S: PORT + S)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/demo_sweep"))
+    ap.add_argument("--tag", default="", help="suffix of the results file name (e.g. -sft15)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more config flags for every run")
     args = ap.parse_args(argv)
     runs, bases = [], {}
@@ -151,7 +153,7 @@ def main(argv=None):
            "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared, loaded)",
            "metrics": "held-out prompts, 2 samples each of p_data and p_theta; see spin_fast/hmm_task.py",
            "sft_early_stopping": sft, "table_md": md, "delta_table_md": dmd, "runs": runs}
-    path = ROOT / "benchmarks" / "results" / f"demo-sweep-{date}-{commit}.json"
+    path = ROOT / "benchmarks" / "results" / f"demo-sweep-{date}-{commit}{args.tag}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1) + "\n")
     print(md)

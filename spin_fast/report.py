@@ -272,6 +272,9 @@ def summary_table(run: dict) -> str:
         lines += ["", f"SFT: {sft.get('steps', '-')} steps, {_fmt(sft.get('tokens_per_s'), '.0f')} tok/s, "
                   f"final loss {_fmt(_get(sft, 'final', 'loss'), '.4f')}, "
                   f"eval acc {_fmt(_get(sft, 'eval', 'accuracy'), '.3f')}"]
+        if (es := sft.get("early_stopping")) is not None:
+            lines.append(f"SFT held-out loss per epoch: {' '.join(_fmt(v, '.4f') for v in es['heldout_loss'])}; "
+                         f"kept epoch {es['best_epoch']}" + (" (stopped early)" if es.get("stopped_early") else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -55,7 +55,9 @@ def make_run(root, iterations=(0, 1, 2), steps=3, heldout=True, evaluated=True, 
     if extras:
         _write(root / "sft" / "summary.json", {"phase": "sft", "sequences": 100, "steps": 20, "tokens": 20000,
                                                "wall_s": 5.0, "tokens_per_s": 4000.0, "final": {"loss": 1.2},
-                                               "eval": {"accuracy": 0.2, "n": 30, "by_kind": {}}})
+                                               "eval": {"accuracy": 0.2, "n": 30, "by_kind": {}},
+                                               "early_stopping": {"heldout_loss": [2.0, 1.5, 1.6, 1.7],
+                                                                  "best_epoch": 1, "stopped_early": True}})
     return root
 
 
@@ -85,6 +87,8 @@ def test_full_run_writes_every_plot_and_the_table(tmp_path, capsys):
     # iteration 1: generate 321, cache 8001, train 3001 tok/s; 5.0 s; 3000/5 tok/s; final loss 0.69-0.15-0.1
     assert rows[1] == ["1", "321", "8001", "3001", "5.0", "600", "0.4400", "0.800", "0.4000", "0.400"]
     assert "SFT: 20 steps" in (out / "summary.md").read_text()
+    assert ("SFT held-out loss per epoch: 2.0000 1.5000 1.6000 1.7000; kept epoch 1 (stopped early)"
+            in (out / "summary.md").read_text())
 
 
 @needs_mpl

@@ -125,6 +125,7 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
         # the optimizer states and gradients are not needed any more: gone before the held-out pass and the save
         trainer.optimizer.state.clear()
         trainer.optimizer.zero_grad(set_to_none=True)
+        release()           # ... and their pages (and the activations') back to the OS: the save starts lean
         held = heldout_check(model, heldout, held_ref, cfg, rt) if heldout is not None else None
 
     # 3. the trained policy as an HF folder

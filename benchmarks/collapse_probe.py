@@ -306,6 +306,68 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def position_table(runs: list[dict], arm: str = "old", t: int = 0, probe: str = "heldout") -> str:
+    """Mean token log-prob per response position bucket of the human answer (y) and the opponent's sample (y'),
+    before and after iteration t of `arm` (mean over seeds; distinct pairs only)."""
+    its = [r["iterations"][t]["series"] for r in runs if r["arm"] == arm and len(r["iterations"]) > t]
+    if not its:
+        return ""
+    first, last = [s[0][probe]["pos"] for s in its], [s[-1][probe]["pos"] for s in its]
+    lines = [f"| position | log π(y) before | after | Δ | log π(y') before | after | Δ |", "|" + "---|" * 7]
+    for b in first[0]["chosen"]:
+        cells = []
+        for side in ("chosen", "rejected"):
+            a0 = np.mean([f[side].get(b, np.nan) for f in first])
+            a1 = np.mean([f[side].get(b, np.nan) for f in last])
+            cells += [f"{a0:.3f}", f"{a1:.3f}", f"{a1 - a0:+.3f}"]
+        lines.append(f"| {'</s>' if b == 'eos' else b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def step_table(runs: list[dict], arm: str = "old", t: int = 0, every: int = 21) -> str:
+    """Per optimizer step of iteration t (mean over seeds): the trainer's own batch metrics, the held-out probe's
+    Δ log π of y and y', the human answer's </s> log-prob and how often it is the argmax, greedy EM and length."""
+    its = [r["iterations"][t] for r in runs if r["arm"] == arm and len(r["iterations"]) > t]
+    if not its:
+        return ""
+    lines = ["| step | lr | batch logps/chosen | batch logps/rejected | batch margin | held-out Δ log π(y) | "
+             "Δ log π(y') | log π(</s>) of y | </s> argmax | token argmax | greedy EM | len − right |",
+             "|" + "---|" * 12]
+    steps = sorted({row["step"] for row in its[0]["series"] if "heldout" in row})
+    keep = [s for s in steps if s in (0, 3, 6, 9, 12, 15) or s % every == 0 or s == steps[-1]]
+    for st in keep:
+        rows = [next(r for r in it["series"] if r["step"] == st) for it in its]
+        tm = [next((m for m in it["trainer_metrics"] if m["step"] == st), None) for it in its]
+        mean = lambda xs: np.mean([x for x in xs if x is not None]) if any(x is not None for x in xs) else None  # noqa: E731
+        f = lambda v, d=3: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+        h = [r["heldout"] for r in rows]
+        g = [r.get("greedy") for r in rows]
+        lines.append("| " + " | ".join([
+            str(st), f(mean([m and m["lr"] for m in tm]), 6), f(mean([m and m["logps/chosen"] for m in tm]), 2),
+            f(mean([m and m["logps/rejected"] for m in tm]), 2), f(mean([m and m["rewards/margins"] for m in tm])),
+            f(mean([x["d_chosen"] for x in h]), 2), f(mean([x["d_rejected"] for x in h]), 2),
+            f(mean([x["chosen_eos_logp"] for x in h])), f(mean([x["chosen_eos_ok"] for x in h])),
+            f(mean([x["chosen_argmax_ok"] for x in h])), f(mean([x and x["em"] for x in g])),
+            f(mean([x and x["len_minus_right"] for x in g]), 2)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(path: Path) -> None:
+    """Print the tables of a results JSON (and write them into it as position_md / step_md)."""
+    d = json.loads(path.read_text())
+    runs = d["runs"]
+    d["position_md"] = {f"{a}/iter{t}": position_table(runs, a, t) for a in dict.fromkeys(r["arm"] for r in runs)
+                        for t in range(len(runs[0]["iterations"]))}
+    d["step_md"] = {f"{a}/iter{t}": step_table(runs, a, t) for a in ("old", "rpo1")
+                    for t in range(len(runs[0]["iterations"]))}
+    path.write_text(json.dumps(d, indent=1))
+    print(d["table_md"])
+    for k, v in d["step_md"].items():
+        print(f"per step, {k}:\n{v}")
+    for k, v in d["position_md"].items():
+        print(f"per position (held-out), {k}:\n{v}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -315,7 +377,10 @@ def main(argv=None):
     ap.add_argument("--em-every", type=int, default=21, help="steps between held-out greedy evals (0: ends only)")
     ap.add_argument("--work", default="/tmp/collapse_probe", help="scratch folder (SFT models are cached there)")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/collapse-probe-DATE-COMMIT.json)")
+    ap.add_argument("--report", default=None, help="only print (and store) the tables of this results JSON")
     args = ap.parse_args(argv)
+    if args.report:
+        return report(Path(args.report))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from spin_fast.runtime import init_runtime
     rt = init_runtime("cpu")
@@ -337,6 +402,7 @@ def main(argv=None):
         "command": "python benchmarks/collapse_probe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "wall_s": round(time.perf_counter() - t0, 1), "old_demo_overrides": OLD_DEMO, "arms": ARMS,
         "buckets": [bucket_name(a, b) for a, b in BUCKETS] + ["eos"], "table_md": md, "runs": runs}, indent=1))
+    report(out)
     print(f"wrote {out}")
 
 

@@ -142,7 +142,10 @@ def greedy_eval(model, tok, rows, max_new_tokens: int) -> dict:
     res = demo.exact_match(model, tok, rows, max_new_tokens=max_new_tokens, n_examples=len(rows))
     model.train(was)
     lens = [len(e["response"].strip()) - len(e["expected"]) for e in res["examples"]]
-    return {"em": res["accuracy"], "by_kind": res["by_kind"], "len_minus_right": float(np.mean(lens)),
+    # right answer, then no </s>: the response starts with the right answer but runs on
+    runs_on = [e["response"].strip().startswith(e["expected"]) and not e["correct"] for e in res["examples"]]
+    return {"em": res["accuracy"], "right_then_runs_on": float(np.mean(runs_on)),
+            "by_kind": res["by_kind"], "len_minus_right": float(np.mean(lens)),
             "too_short": float(np.mean([x < 0 for x in lens])), "too_long": float(np.mean([x > 0 for x in lens])),
             "examples": [{k: e[k] for k in ("prompt", "expected", "response")} for e in res["examples"][:6]]}
 
@@ -286,8 +289,8 @@ def table(runs: list[dict]) -> str:
     """Per arm, mean over seeds (and range) of: EM before/after each iteration, held-out Δ log π(chosen),
     Δ log π(rejected), mean greedy length error."""
     lines = ["| arm | iter | seeds | EM start | EM end | Δ log π(y) held-out | Δ log π(y') held-out | "
-             "Δ log π(y) train | Δ log π(y') train | log π(</s>) of y, start → end | greedy len − right |",
-             "|" + "---|" * 11]
+             "Δ log π(y) train | Δ log π(y') train | log π(</s>) of y, start → end | greedy len − right | "
+             "right, then runs on |", "|" + "---|" * 12]
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     fmt = lambda xs, d=3: f"{np.mean(xs):.{d}f}" + (f" ({min(xs):.{d}f}..{max(xs):.{d}f})" if len(xs) > 1 else "")  # noqa: E731
     for arm in arms:
@@ -302,7 +305,9 @@ def table(runs: list[dict]) -> str:
                          f"{fmt([x['train']['d_rejected'] for x in last], 2)} | "
                          f"{fmt([i['series'][0]['heldout']['chosen_eos_logp'] for i in it], 2)} → "
                          f"{fmt([x['heldout']['chosen_eos_logp'] for x in last], 2)} | "
-                         f"{fmt([i['em_end']['len_minus_right'] for i in it], 2)} |")
+                         f"{fmt([i['em_end']['len_minus_right'] for i in it], 2)} | "
+                         f"{fmt([i['em_start'].get('right_then_runs_on', np.nan) for i in it])} → "
+                         f"{fmt([i['em_end'].get('right_then_runs_on', np.nan) for i in it])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -352,10 +357,29 @@ def step_table(runs: list[dict], arm: str = "old", t: int = 0, every: int = 21) 
     return "\n".join(lines) + "\n"
 
 
+def rescore(path: Path, work: Path) -> None:
+    """Greedy eval (greedy_eval, incl. keys added since the run) of the saved SFT and end-of-iteration models of a
+    results JSON, from its --work folder; stored as em_start / em_end again."""
+    from spin_fast.hf_io import load_model, load_tokenizer
+    from spin_fast.rows import read_rows
+    d = json.loads(path.read_text())
+    for r in d["runs"]:
+        seed_dir = work / f"seed{r['seed']}"
+        tok = load_tokenizer(seed_dir / "sft")
+        rows = [x for _, x in read_rows(seed_dir / "data" / "heldout.jsonl")]
+        prev = greedy_eval(load_model(seed_dir / "sft"), tok, rows, 20)
+        for it in r["iterations"]:
+            it["em_start"] = prev
+            it["em_end"] = prev = greedy_eval(load_model(seed_dir / r["arm"] / f"iter{it['iteration']}" / "model"),
+                                              tok, rows, 20)
+    path.write_text(json.dumps(d, indent=1))
+
+
 def report(path: Path) -> None:
     """Print the tables of a results JSON (and write them into it as position_md / step_md)."""
     d = json.loads(path.read_text())
     runs = d["runs"]
+    d["table_md"] = table(runs)
     d["position_md"] = {f"{a}/iter{t}": position_table(runs, a, t) for a in dict.fromkeys(r["arm"] for r in runs)
                         for t in range(len(runs[0]["iterations"]))}
     d["step_md"] = {f"{a}/iter{t}": step_table(runs, a, t) for a in ("old", "rpo1")
@@ -378,7 +402,10 @@ def main(argv=None):
     ap.add_argument("--work", default="/tmp/collapse_probe", help="scratch folder (SFT models are cached there)")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/collapse-probe-DATE-COMMIT.json)")
     ap.add_argument("--report", default=None, help="only print (and store) the tables of this results JSON")
+    ap.add_argument("--rescore", action="store_true", help="with --report: re-evaluate the saved models in --work")
     args = ap.parse_args(argv)
+    if args.report and args.rescore:
+        rescore(Path(args.report), Path(args.work))
     if args.report:
         return report(Path(args.report))
     torch.set_num_threads(max(1, torch.get_num_threads()))

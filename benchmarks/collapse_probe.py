@@ -403,7 +403,14 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/collapse-probe-DATE-COMMIT.json)")
     ap.add_argument("--report", default=None, help="only print (and store) the tables of this results JSON")
     ap.add_argument("--rescore", action="store_true", help="with --report: re-evaluate the saved models in --work")
+    ap.add_argument("--merge", nargs="+", default=None, help="with --report: write the runs of these results JSONs "
+                                                              "(same arms, other seeds) into --report's file first")
     args = ap.parse_args(argv)
+    if args.report and args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = {**parts[0], "runs": [r for d in parts for r in d["runs"]],
+                  "command": " && ".join(d["command"] for d in parts), "merged_from": [str(f) for f in args.merge]}
+        Path(args.report).write_text(json.dumps(merged, indent=1))
     if args.report and args.rescore:
         rescore(Path(args.report), Path(args.work))
     if args.report:

@@ -1,6 +1,11 @@
 """Why the logistic loss at beta 0.1 collapsed the old exact-match demo (held-out exact match 0.49 -> 0.12).
 
-    nice -n 10 python benchmarks/collapse_probe.py --seeds 0 1 --arms old lr3e-5 lr3e-6 rpo1 hinge1 spin_scaled
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/collapse_probe.py --seeds 0 1 --iterations 3 \
+        --arms old lr3e-5 lr3e-6 rpo1 nll_only hinge1 spin_scaled        # ~25 min on 2 loaded cores
+    python benchmarks/collapse_probe.py --report RESULTS.json [--merge A.json B.json] [--rescore --work W]
+
+(OMP_NUM_THREADS=1: the 89k-parameter model's ops are too small for threads; with the default thread count the same
+run took ~8x longer on the shared machine.)
 
 The old demo (commit 0a41f41^, spin_fast/demo_run.py DEMO_DEFAULTS before the hinge change): the exact-match task
 of spin_fast/demo.py, an 89k-parameter Llama trained from scratch by SFT (10 epochs, AdamW 3e-3, 2048 tokens a
@@ -338,7 +343,8 @@ def step_table(runs: list[dict], arm: str = "old", t: int = 0, every: int = 21) 
     lines = ["| step | lr | batch logps/chosen | batch logps/rejected | batch margin | held-out Δ log π(y) | "
              "Δ log π(y') | log π(</s>) of y | </s> argmax | token argmax | greedy EM | len − right |",
              "|" + "---|" * 12]
-    steps = sorted({row["step"] for row in its[0]["series"] if "heldout" in row})
+    # steps measured in every seed (an iteration >= 1 can have a different step count per seed)
+    steps = sorted(set.intersection(*({row["step"] for row in it["series"] if "heldout" in row} for it in its)))
     keep = [s for s in steps if s in (0, 3, 6, 9, 12, 15) or s % every == 0 or s == steps[-1]]
     for st in keep:
         rows = [next(r for r in it["series"] if r["step"] == st) for it in its]
@@ -384,7 +390,7 @@ def report(path: Path) -> None:
                         for t in range(len(runs[0]["iterations"]))}
     d["step_md"] = {f"{a}/iter{t}": step_table(runs, a, t) for a in ("old", "rpo1")
                     for t in range(len(runs[0]["iterations"]))}
-    path.write_text(json.dumps(d, indent=1))
+    path.write_text(json.dumps(d, separators=(",", ":")))
     print(d["table_md"])
     for k, v in d["step_md"].items():
         print(f"per step, {k}:\n{v}")
@@ -415,7 +421,6 @@ def main(argv=None):
         rescore(Path(args.report), Path(args.work))
     if args.report:
         return report(Path(args.report))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     from spin_fast.runtime import init_runtime
     rt = init_runtime("cpu")
     commit = _commit()

@@ -1,7 +1,7 @@
 """SPIN vs continued SFT on the hmm demo task (exact p_data), over seeds and loss settings, from one
 early-stopped (plateaued) SFT model per seed.
 
-    nice -n 10 python benchmarks/demo_sweep.py --seeds 0 1 2 --iterations 2      # every arm (~30 min, 2 cores)
+    nice -n 10 python benchmarks/demo_sweep.py --seeds 0 1 2 --iterations 2      # every arm (~30-40 min, 2 cores)
 
 Each (arm, seed) is one built-in demo run (`torchrun --nproc_per_node=NPROC -m spin_fast.train --demo.task hmm
 --seed S ...`). The first arm of a seed runs from scratch: its HMM, data and tiny model, SFT early-stopped on a
@@ -28,16 +28,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LR = ["--train.lr", "1e-4"]        # SPIN's lr in every arm but the one that names its own (the demo's default is 1e-3)
 ARMS = {
-    "sigmoid0.1": ["--train.loss_type", "sigmoid", "--train.beta", "0.1"],       # the paper's setting
-    "sigmoid0.03": ["--train.loss_type", "sigmoid", "--train.beta", "0.03"],
-    "sigmoid0.3": ["--train.loss_type", "sigmoid", "--train.beta", "0.3"],
-    "sigmoid1": ["--train.loss_type", "sigmoid", "--train.beta", "1.0"],
-    "hinge1": ["--train.loss_type", "hinge", "--train.beta", "1.0"],
-    "sigmoid0.1_rpo1": ["--train.loss_type", "sigmoid", "--train.beta", "0.1", "--train.rpo_alpha", "1.0"],
-    "sigmoid0.1_mix": ["--train.loss_type", "sigmoid", "--train.beta", "0.1", "--loop.mix_previous", "true"],
+    "sigmoid0.1": ["--train.loss_type", "sigmoid", "--train.beta", "0.1", *LR],       # the paper's setting
+    "sigmoid0.03": ["--train.loss_type", "sigmoid", "--train.beta", "0.03", *LR],
+    "sigmoid0.3": ["--train.loss_type", "sigmoid", "--train.beta", "0.3", *LR],
+    "sigmoid1": ["--train.loss_type", "sigmoid", "--train.beta", "1.0", *LR],
+    "hinge1": ["--train.loss_type", "hinge", "--train.beta", "1.0", *LR],
+    "sigmoid0.1_rpo1": ["--train.loss_type", "sigmoid", "--train.beta", "0.1", "--train.rpo_alpha", "1.0", *LR],
+    "sigmoid0.1_mix": ["--train.loss_type", "sigmoid", "--train.beta", "0.1", "--loop.mix_previous", "true", *LR],
     # the equal-lr comparison: SPIN as sigmoid0.1, continued SFT at SPIN's lr (train.lr) instead of sft.lr
-    "sigmoid0.1_csft_at_spin_lr": ["--train.loss_type", "sigmoid", "--train.beta", "0.1",
+    "sigmoid0.1_csft_at_spin_lr": ["--train.loss_type", "sigmoid", "--train.beta", "0.1", *LR,
                                    "--loop.continued_sft_lr", "1e-4"],
     "sigmoid0.1_lr1e-3": ["--train.loss_type", "sigmoid", "--train.beta", "0.1", "--train.lr", "1e-3"],
 }

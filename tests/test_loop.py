@@ -137,6 +137,12 @@ def test_demo_under_torchrun(tmp_path):
             assert m["coverage"] < 0 and m["n_data_samples"] == m["n_model_samples"] == 200
     assert "distance to p_data" in r.stdout
     assert (out / "continued_sft1" / "summary.json").is_file() and (out / "iter1" / "summary.json").is_file()
+    # SFT early-stopped on its own held-out rows (2 ranks: the loss all-reduced), none of them trained on
+    es = report["sft_early_stopping"]
+    assert 1 <= es["epochs_run"] == len(es["heldout_loss"]) <= 3 and es["heldout_sequences"] == 300
+    assert es["best_heldout_loss"] == min(es["heldout_loss"]) == es["heldout_loss"][es["best_epoch"]]
+    held = {json.loads(line)["prompt"] for line in (out / "data" / "sft_heldout.jsonl").open()}
+    assert not held & {json.loads(line)["prompt"] for line in (out / "data" / "train.jsonl").open()}
 
 
 # --- run identity: the manifest -------------------------------------------------------------------------------------

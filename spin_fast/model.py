@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import lean_grad
 from .attention import check_backend, prepare_varlen, resolve_backend, varlen_attention
 from .rope import apply_rope, rope_attention_factor, rope_cos_sin, rope_inv_freq  # noqa: F401 (re-exported)
 
@@ -151,6 +152,8 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and not torch.is_grad_enabled():
             # inference in fp32: the fused kernel (one op instead of six; same fp32 maths)
             return F.rms_norm(x, self.weight.shape, 1.0 + self.weight if self.plus_one else self.weight, self.eps)
+        if torch.is_grad_enabled():   # training: the same maths keeping only x and rsqrt for backward
+            return lean_grad.rms_norm(x, self.weight, self.eps, self.plus_one)
         # statistics in fp32 whatever the compute dtype, as in the reference implementations
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -282,7 +285,7 @@ class MLP(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.act, self.act_name = ACTIVATIONS[cfg.hidden_act], cfg.hidden_act
         self.gate_up_packed = self.gate_up_weight = None   # set inside Transformer.cpu_prepacked()
 
     def forward(self, x):
@@ -291,6 +294,8 @@ class MLP(nn.Module):
                   else F.linear(x, self.gate_up_weight))                                 # (N, 2I)
             gate, up = gu.chunk(2, dim=-1)                                             # (N, I) each
             return self.down_proj.forward(self.act(gate).mul_(up))
+        if torch.is_grad_enabled():   # training: act(g) * u keeping only g and u for backward (lean_grad)
+            return self.down_proj(lean_grad.gated_act(self.gate_proj(x), self.up_proj(x), self.act_name))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 

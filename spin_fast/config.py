@@ -91,7 +91,9 @@ class TrainCfg:
                                     "with micro-batches of at most this many); 0 or auto: the smallest power of two "
                                     ">= 2 * data.max_length (the longest possible pair)")
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0: no clipping, norm still logged)")
-    activation_checkpointing: bool = _f(False, "recompute each decoder block in backward (saves activations)")
+    activation_checkpointing: bool = _f(False, "recompute each decoder block in backward: only block inputs are "
+                                               "kept (SmolLM2-135M fp32: a step's peak RSS ~4.2 -> ~2.7 GiB, ~20% "
+                                               "more CPU time)")
     compile: bool = _f(False, "torch.compile each decoder block")
     impl: str = _f("auto", "loss kernel: auto (triton on CUDA, chunked torch on CPU) | triton | torch | reference")
     logits_budget_mib: int = _f(64, "chunked kernel: MiB of fp32 logits live at once")

@@ -107,6 +107,7 @@ def train_phase(cfg: Config, rt: Runtime, *, model_dir: Path, out_dir: Path, pai
         held_ref = refcache.get_or_build(cache_path.with_name(cache_path.stem + "_heldout.safetensors"), model,
                                          heldout, tokenizer, **cache_opts)
     cache_s = time.perf_counter() - t0
+    release()               # the cache pass's freed activations back to the OS: training's heap starts lean
     mem["cache"].__exit__(None, None, None)
     total_tokens = int(pairs.seq_offsets[-1])
     if rt.is_main:

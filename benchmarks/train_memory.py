@@ -58,10 +58,19 @@ def main():
     steps = plan_steps(task.unit_tokens, tokens_per_step=0, micro_batch_tokens=a.mbt, world_size=1, seed=0, epochs=1, pairs_per_step=a.pps)
     opt = build_optimizer(model.parameters(), cfg)
     LEAN = (lean_grad.rms_norm, lean_grad.gated_act)
+    libc = ctypes.CDLL("libc.so.6")
     def plain_rms(x, w, eps, plus_one=False):
         xf = x.float(); n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return (n * (1.0 + w.float())).to(x.dtype) if plus_one else w * n.to(x.dtype)
     def set_variant(v):
+        # -mmap: glibc's mmap threshold fixed at 1 MiB (M_MMAP_THRESHOLD = -3): large tensors are mmapped and
+        # unmapped on free; the others, when alternated with it, 32 MiB (about where the default's dynamic
+        # threshold grows to); glibc's default is left alone otherwise
+        if "-mmap" in v:
+            libc.mallopt(-3, 1 << 20)
+        elif any("-mmap" in x for x in a.variants.split(",")) and a.mode == "speed":
+            libc.mallopt(-3, 32 << 20)
+        v = v.replace("-mmap", "")
         if v.startswith("plain"):
             lean_grad.rms_norm, lean_grad.gated_act = plain_rms, lambda g, u, act: ACTIVATIONS[act](g) * u
         else:
@@ -74,7 +83,6 @@ def main():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step(); opt.zero_grad(set_to_none=True)
         return n
-    libc = ctypes.CDLL("libc.so.6")
     print("rss after load", round(rss_bytes() / MiB), flush=True)
     if a.mode == "mem":
         set_variant(a.variant)

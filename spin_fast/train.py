@@ -26,6 +26,7 @@ from .config import Config, explicit_keys, load_config, reference_markdown, to_d
 from .data import load_pairs
 from .errors import InputError
 from .hf_io import load_tokenizer, read_config
+from .memory import limit_heap_retention
 from .phases import train_phase
 from .runtime import init_runtime, on_rank0, run_main, shutdown
 
@@ -117,6 +118,7 @@ def training_phase_only(cfg: Config, rt, tokenizer, work: Path, data) -> dict:
 
 def main(argv=None) -> dict:
     cfg, demo = parse_args(argv)
+    limit_heap_retention()        # freed activations go back to the OS (memory.py), not into glibc's arenas
     rt = init_runtime(cfg.device, need_group_on_cuda=True)
     logging.basicConfig(level=logging.INFO if rt.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")

@@ -160,13 +160,15 @@ def ours_process(result: Path, threads: int, argv: list[str]) -> None:
         os._exit(0)                              # as spin_fast.runtime.run_main: skip gloo's racy teardown
 
 
-def ours_argv(a, model: Path, rows: Path, out: Path, tokens_per_step: int, lora: bool = False) -> list[str]:
+def ours_argv(a, model: Path, rows: Path, out: Path, tokens_per_step: int, lora: bool = False,
+              ac: bool = False) -> list[str]:
     """--step pairs (default): TRL's 8 pairs per step as train.pairs_per_step, micro-batches `auto`; --step tokens:
     the token budget giving TRL's step count, one micro-batch per step (the rule before pairs_per_step existed)."""
     t = TRAIN_ARGS
     step = ["--train.pairs_per_step", str(t["batch_pairs"])] if a.step == "pairs" else \
         ["--tokens-per-step", str(tokens_per_step), "--micro-batch-tokens", str(tokens_per_step)]
     extra = ["--train.lora.rank", "16", "--train.lora.alpha", "32"] if lora else []
+    extra += ["--train.activation_checkpointing", "true"] if ac else []
     return ["--model", str(model), "--data.sft", str(rows), "--output", str(out), "--loop.iterations", "1",
             "--loop.heldout", "0", "--generate.max_new_tokens", str(a.max_new_tokens), "--generate.temperature",
             str(a.temperature), "--generate.batch_size", str(a.our_batch or a.hf_batch), "--beta", str(t["beta"]),
@@ -192,16 +194,18 @@ def row(system, setting, phase, tokens, wall_s, peak, **extra) -> dict:
             "tokens_per_s": tokens / wall_s, "peak_rss_mib": peak, **extra}
 
 
-def ours_rows(a, tmp: Path, model: Path, rows: Path, tokens_per_step: int, ranks: int, lora: bool = False) -> list[dict]:
-    tag = f"ours-{ranks}{'-lora' * lora}"
+def ours_rows(a, tmp: Path, model: Path, rows: Path, tokens_per_step: int, ranks: int, lora: bool = False,
+              ac: bool = False) -> list[dict]:
+    tag = f"ours-{ranks}{'-lora' * lora}{'-ac' * ac}"
     out, result = tmp / tag, tmp / f"{tag}.json"
     shutil.rmtree(out, ignore_errors=True)
-    argv = ours_argv(a, model, rows, out, tokens_per_step, lora)
+    argv = ours_argv(a, model, rows, out, tokens_per_step, lora, ac)
     me = [sys.executable, "-m", "benchmarks.bench_iteration", "--_ours", str(result)]
     launch = [] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
     threads = a.threads if ranks == 1 else 1
     setting = (f"1 process x {threads}" if ranks == 1 else f"torchrun {ranks} ranks x 1") + \
-        f" thread{'s' * (threads > 1)}" + (", LoRA r=16" if lora else "")
+        f" thread{'s' * (threads > 1)}" + (", LoRA r=16" if lora else "") + \
+        (", activation checkpointing" if ac else "")
     process_s = timed_spawn([sys.executable, *launch, *me[1:], "--threads", str(threads), "--", *argv], threads)
     parts = [json.loads(Path(f"{result}.rank{r}").read_text()) for r in range(ranks)]
     s = json.loads((out / "iter0" / "summary.json").read_text())
@@ -250,6 +254,8 @@ def main(argv=None):
     ap.add_argument("--step", choices=("pairs", "tokens"), default="pairs",
                     help="how ours sizes a step: train.pairs_per_step = TRL's 8 (micro-batches auto), or the old "
                          "token budget with one micro-batch per step")
+    ap.add_argument("--ac-row", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the row `spin_fast + activation checkpointing` (1 process: the <= 3 GiB setting)")
     ap.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
                     help="also the row `spin_fast + LoRA r=16` (default: when this checkout has train.lora)")
     ap.add_argument("--ours-extra", nargs="*", default=[], help="extra spin_fast.train flags for ours (A/B runs)")
@@ -311,9 +317,10 @@ def main(argv=None):
         total_est, num_pairs = count_tokens(model, pairs)
         steps = math.ceil(num_pairs / TRAIN_ARGS["batch_pairs"])
         tokens_per_step = max(2 * TRAIN_ARGS["max_length"], math.ceil(total_est / steps))
-        runs = [(r, False) for r in ([1, 2] if a.torchrun else [1])] + ([(1, True)] if lora else [])
-        for ranks, with_lora in runs:
-            ours = ours_rows(a, tmp, model, data, tokens_per_step, ranks, with_lora)
+        runs = [(r, False, False) for r in ([1, 2] if a.torchrun else [1])] + ([(1, True, False)] if lora else []) \
+            + ([(1, False, True)] if a.ac_row else [])
+        for ranks, with_lora, ac in runs:
+            ours = ours_rows(a, tmp, model, data, tokens_per_step, ranks, with_lora, ac)
             print(json.dumps(ours[-1]), flush=True)
             rows += ours
     rows = [r for s in seed for r in s] + rows

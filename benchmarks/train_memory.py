@@ -38,7 +38,7 @@ def main():
     if folder is None:
         sys.exit(f"train_memory: {why}")
     M, MiB = folder, 2**20
-    tok = AutoTokenizer.from_pretrained(M)
+    tok = AutoTokenizer.from_pretrained(M, trust_remote_code=False)
     rows = []
     for line in (SHARED / "sft" / "sft_ultrachat_schema-00000.jsonl").open():
         m = json.loads(line).get("messages") or []
